@@ -1,0 +1,1 @@
+"""Datasets, two-view transforms and the LightningDataModule."""

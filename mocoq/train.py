@@ -1,0 +1,179 @@
+"""``mocoq-train``: compose the config with Hydra, build the parts, fit, report.
+
+This is the only module that knows about Hydra. Usage::
+
+    mocoq-train                                   # MoCo v2 on Fashion-MNIST, CPU
+    mocoq-train dataset=cifar10 backbone=resnet18 method=mocov2plus trainer=gpu
+    mocoq-train experiment=mocov2_r18_cifar10_200ep dataset.root=~/data/cifar10
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from mocoq.callbacks import KNNMonitor
+from mocoq.data.datamodule import MoCoDataModule
+from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
+from mocoq.module import MoCoModule
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ConfigError(ValueError):
+    """A value in the composed config cannot be used; the message names the key to change."""
+
+
+def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
+    """Instantiate the datamodule, the module and the trainer from a composed config."""
+    # Built objects are passed to partials, not as instantiate() kwargs: Hydra would turn a
+    # dataclass argument (LRSchedule) back into a config node.
+    datamodule: MoCoDataModule = instantiate(cfg.dataset, _partial_=True)(
+        augment=instantiate(cfg.augment)
+    )
+    model: MoCoModule = instantiate(cfg.model, _partial_=True)(
+        backbone=instantiate(cfg.backbone),
+        head=instantiate(cfg.head),
+        optimizer=instantiate(cfg.optim),
+        lr_schedule=instantiate(cfg.schedule),
+    )
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True)(
+        callbacks=callbacks, logger=loggers or False
+    )
+    keys_per_step = datamodule.batch_size * trainer.world_size * (2 if model.symmetric else 1)
+    if keys_per_step > model.queue.size:
+        raise ConfigError(
+            f"model.queue_size={model.queue.size} is smaller than the {keys_per_step} keys "
+            f"enqueued per step (dataset.batch_size={datamodule.batch_size} x "
+            f"{trainer.world_size} devices{' x 2 views' if model.symmetric else ''}): "
+            f"raise model.queue_size to at least {keys_per_step}"
+        )
+    return datamodule, model, trainer
+
+
+def raw_pixel_knn(datamodule: MoCoDataModule, monitor: KNNMonitor) -> KNNResult | None:
+    """kNN on normalised raw pixels with the monitor's k, T, bank and query splits."""
+    bank_loader, val_loader = datamodule.knn_bank_dataloader(), datamodule.knn_val_dataloader()
+    if bank_loader is None or val_loader is None:
+        return None
+    bank, bank_labels = embed(flatten_pixels, bank_loader)
+    queries, query_labels = embed(flatten_pixels, val_loader)
+    return knn_evaluate(bank, bank_labels, queries, query_labels, monitor.k, monitor.temperature)
+
+
+def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.is_file() else None
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint file or 'last'")
+    return str(path)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train with a composed config and return the summary written to ``summary.json``."""
+    run_dir = Path(cfg.run_dir)
+    torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    datamodule.setup("fit")  # fail on missing data before any output is written
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "dataset": {"bank": datamodule.bank_split, "queries": datamodule.val_split},
+    }
+    if monitor is not None:
+        summary["knn_monitor_seconds"] = round(monitor.seconds, 1)
+        if monitor.last is not None:
+            summary["knn"] = asdict(monitor.last)
+        if monitor.initial is not None:
+            summary["knn_random_init"] = asdict(monitor.initial)
+        if cfg.report.raw_pixel_baseline and trainer.is_global_zero:
+            baseline = raw_pixel_knn(datamodule, monitor)
+            if baseline is not None:
+                summary["knn_raw_pixels"] = asdict(baseline)
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The end-of-run report: where things are and the kNN numbers side by side."""
+    lines = [
+        "",
+        f"Run directory : {summary['run_dir']}",
+        f"Checkpoint    : {summary['checkpoint']}",
+        f"TensorBoard   : tensorboard --logdir {summary['run_dir']}",
+    ]
+    knn = summary.get("knn")
+    if knn:
+        split = summary["dataset"]
+        lines.append(
+            f"kNN top-1 on '{split['queries']}' (bank '{split['bank']}', k={knn['k']}, "
+            f"T={knn['temperature']}, cosine):"
+        )
+        lines.append(f"  mocoq encoder : {knn['top1']:.4f}  (after {summary['epochs']} epochs)")
+        baselines = (("knn_random_init", "random init"), ("knn_raw_pixels", "raw pixels"))
+        for key, label in baselines:
+            if key in summary:
+                lines.append(f"  {label:<13} : {summary[key]['top1']:.4f}")
+    return "\n".join(lines)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while isinstance(error, InstantiationException) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingMandatoryValue)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``mocoq-train``; user errors become one line on stderr and exit code 2."""
+    try:
+        run(cfg)
+    except (InstantiationException, OmegaConfBaseException, *USER_ERRORS) as error:
+        cause = _root_cause(error)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not isinstance(
+            cause, (OmegaConfBaseException, *USER_ERRORS)
+        ):
+            raise
+        message = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        print(
+            f"mocoq-train: error: {message}\n(set HYDRA_FULL_ERROR=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
