@@ -16,7 +16,10 @@ KEY_BN_MODES = ("split", "none")
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d that, in training, normalises ``num_splits`` equal groups of the batch apart.
+    """BatchNorm2d that, in training, normalises ``num_splits`` groups of the batch apart.
+
+    Group g holds the interleaved samples g, g + G, g + 2G, ... (a free reshape); batches are
+    shuffled, so any fixed partition emulates G devices equally well.
 
     Parameters and buffers are those of ``nn.BatchNorm2d`` (state dicts are interchangeable); the
     running statistics are the mean over the groups. Evaluation is plain BatchNorm.
@@ -81,6 +84,7 @@ def convert_to_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
                 track_running_stats=child.track_running_stats,
             ).to(device=child.weight.device if child.weight is not None else None)
             split.load_state_dict(child.state_dict())
+            split.train(child.training)
             setattr(module, name, split)
         else:
             convert_to_split_batchnorm(child, num_splits)

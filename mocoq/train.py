@@ -32,6 +32,15 @@ from mocoq.module import MoCoModule
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def cpu_precision() -> str:
+    """``bf16-mixed`` where the CPU has native bf16 (about 2x faster here), else ``32-true``."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return "bf16-mixed" if supported is not None and supported() else "32-true"
+
+
+OmegaConf.register_new_resolver("mocoq.cpu_precision", cpu_precision, replace=True)
+
+
 class ConfigError(ValueError):
     """A value in the composed config cannot be used; the message names the key to change."""
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 FASHION_MNIST_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CACHE_ROOT = Path("~/.cache/mocoq/FashionMNIST").expanduser()
 FASHION_MNIST_CLASSES = (
     "T-shirt/top",
     "Trouser",
@@ -109,8 +110,15 @@ def _find_idx(root: Path, stem: str) -> Path | None:
 
 
 def fashion_mnist_root(root: str | os.PathLike[str] | None) -> Path:
-    """Where Fashion-MNIST lives: ``root`` if given, else the Debian package's folder."""
-    return Path(root).expanduser() if root else FASHION_MNIST_DEBIAN_ROOT
+    """Where Fashion-MNIST lives: ``root`` if given, else the Debian package's folder, else
+    ``~/.cache/mocoq/FashionMNIST`` (where ``make data`` downloads it without the package)."""
+    if root:
+        return Path(root).expanduser()
+    if _find_idx(FASHION_MNIST_DEBIAN_ROOT, "train-images-idx3-ubyte") is None and _find_idx(
+        FASHION_MNIST_CACHE_ROOT, "train-images-idx3-ubyte"
+    ):
+        return FASHION_MNIST_CACHE_ROOT
+    return FASHION_MNIST_DEBIAN_ROOT
 
 
 def fashion_mnist(
@@ -120,8 +128,9 @@ def fashion_mnist(
 
     ``root`` holds the four IDX files (gzipped or not, directly or under ``raw/``), as installed
     by the Debian package ``dataset-fashion-mnist`` (the default root,
-    ``/usr/share/datasets/fashion-mnist``) or by torchvision's download. With ``download=True``
-    missing files are fetched with torchvision into ``root``.
+    ``/usr/share/datasets/fashion-mnist``) or by torchvision's download (``root=None`` also
+    looks in ``~/.cache/mocoq/FashionMNIST``). With ``download=True`` missing files are fetched
+    with torchvision into ``root``.
 
     Args:
         split: ``train`` (60,000 images) or ``test`` (10,000).
@@ -135,16 +144,16 @@ def fashion_mnist(
     if (images_path is None or labels_path is None) and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(base.parent), train=split == "train", download=True)
-        base = base.parent / "FashionMNIST"
+        FashionMNIST(str(base), train=split == "train", download=True)
+        base = base / "FashionMNIST"  # torchvision writes <root>/FashionMNIST/raw/
         images_path = _find_idx(base, f"{prefix}-images-idx3-ubyte")
         labels_path = _find_idx(base, f"{prefix}-labels-idx1-ubyte")
     if images_path is None or labels_path is None:
         raise DatasetNotFoundError(
             f"Fashion-MNIST {split} files not found under {base}: install them with "
             "'apt-get install dataset-fashion-mnist' (puts them in "
-            f"{FASHION_MNIST_DEBIAN_ROOT}), or set dataset.root=<dir> and dataset.download=true "
-            "to fetch them with torchvision"
+            f"{FASHION_MNIST_DEBIAN_ROOT}), run 'make data', or set dataset.root=<dir> and "
+            "dataset.loader.download=true to fetch them with torchvision"
         )
     images = _read_idx(images_path).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
     targets = _read_idx(labels_path).long()
@@ -174,7 +183,7 @@ def synthetic(
         )
     class_gen = torch.Generator().manual_seed(seed)
     coarse = max(2, image_size // 4)
-    # One smooth prototype per class: (num_classes, C, coarse, coarse) upsampled to the image size.
+    # One smooth prototype per class: (num_classes, C, coarse, coarse) upsampled to (.., S, S).
     prototypes = torch.rand(num_classes, channels, coarse, coarse, generator=class_gen)
     prototypes = torch.nn.functional.interpolate(
         prototypes, size=(image_size, image_size), mode="bilinear", align_corners=False

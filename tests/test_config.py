@@ -1,0 +1,159 @@
+"""Every file in conf/ composes and instantiates; presets carry the published hyper-parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+from mocoq.backbones import SmallResNet
+from mocoq.data.datamodule import MoCoDataModule
+from mocoq.module import MoCoModule
+from mocoq.train import CONFIG_DIR, build
+
+CONF = Path(CONFIG_DIR)
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
+# What a CPU-only test machine must change to instantiate a GPU config (the rest is as written).
+ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
+
+
+def test_every_config_file_belongs_to_a_tested_group() -> None:
+    files = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
+    covered = {f"{group}/{option}.yaml" for group, option in OPTIONS} | {"train.yaml"}
+    assert files == covered
+    assert {"dataset", "backbone", "method", "augment", "optim", "schedule", "trainer"} <= set(
+        GROUPS
+    )
+    assert {"logger", "callbacks", "experiment", "debug"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+def test_config_option_composes_and_instantiates(
+    group: str, option: str, make_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    overrides = [f"{group}={option}"]
+    if group in ("dataset", "experiment"):
+        overrides.append(f"dataset.root={tmp_path}")  # constructing does not read the data
+    if group == "dataset":
+        overrides.append("dataset.batch_size=16")
+    if group == "backbone" and option != "small_resnet":
+        overrides.append("dataset.image_size=32")
+    cfg = make_cfg(*overrides, *ON_CPU, tiny=group != "experiment")
+    datamodule, model, trainer = build(cfg)
+    assert isinstance(datamodule, MoCoDataModule)
+    assert isinstance(model, MoCoModule)
+    assert trainer.max_epochs == cfg.trainer.get("max_epochs", trainer.max_epochs)
+    assert model.queue.size == cfg.model.queue_size
+    if group == "dataset":
+        assert datamodule.channels == cfg.dataset.channels
+        assert datamodule.root == str(tmp_path)
+
+
+def test_the_default_config_is_moco_v2_on_fashion_mnist(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = make_cfg(*ON_CPU, tiny=False)
+    assert cfg.dataset.loader._target_ == "mocoq.data.datasets.fashion_mnist"
+    assert cfg.head.num_layers == 2 and cfg.model.temperature == 0.2
+    assert cfg.augment.blur_prob == 0.5
+    _, model, _ = build(cfg)
+    assert isinstance(model.backbone, SmallResNet)
+    assert model.backbone.conv1.in_channels == 1
+
+
+@pytest.mark.parametrize(
+    "method,num_layers,temperature,symmetric,jitter_prob",
+    [
+        ("mocov1", 1, 0.07, False, 1.0),
+        ("mocov2", 2, 0.2, False, 0.8),
+        ("mocov2plus", 2, 0.2, True, 0.8),
+    ],
+)
+def test_methods_set_head_temperature_symmetry_and_augmentation(
+    make_cfg: Callable[..., DictConfig],
+    method: str,
+    num_layers: int,
+    temperature: float,
+    symmetric: bool,
+    jitter_prob: float,
+) -> None:
+    cfg = make_cfg(f"method={method}", tiny=False)
+    assert cfg.head.num_layers == num_layers
+    assert cfg.model.temperature == temperature
+    assert cfg.model.symmetric is symmetric
+    assert cfg.augment.jitter_prob == jitter_prob
+
+
+def test_cifar10_demo_recipe(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("experiment=mocov2_r18_cifar10_200ep", tiny=False)
+    assert cfg.dataset.batch_size == 512 and cfg.model.queue_size == 4096
+    assert cfg.model.ema_momentum == 0.99 and cfg.model.temperature == 0.1
+    assert cfg.optim.lr == 0.06 and cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.9
+    assert cfg.schedule.kind == "cosine" and cfg.trainer.max_epochs == 200
+    assert cfg.model.key_bn == "split" and cfg.model.bn_splits == 8
+    assert cfg.backbone.name == "resnet18" and cfg.backbone.small_image_stem is True
+    assert cfg.augment.blur_prob == 0.0 and cfg.model.symmetric is False
+    assert cfg.callbacks.knn.k == 200 and cfg.callbacks.knn.temperature == 0.1
+    symmetric = make_cfg("experiment=mocov2plus_r18_cifar10_800ep", tiny=False)
+    assert symmetric.model.symmetric is True and symmetric.trainer.max_epochs == 800
+    assert symmetric.augment.blur_prob == 0.0 and symmetric.model.queue_size == 4096
+
+
+def test_imagenet_v2_recipe(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("experiment=mocov2_r50_imagenet_200ep", tiny=False)
+    assert cfg.dataset.batch_size * cfg.trainer.devices == 256
+    assert cfg.model.queue_size == 65536 and cfg.model.ema_momentum == 0.999
+    assert cfg.model.temperature == 0.2 and cfg.optim.lr == 0.03
+    assert cfg.optim.weight_decay == 1e-4 and cfg.schedule.kind == "cosine"
+    assert cfg.trainer.max_epochs == 200 and cfg.backbone.name == "resnet50"
+    assert cfg.head.num_layers == 2 and cfg.augment.blur_prob == 0.5
+
+
+def test_command_line_augment_beats_the_method_default(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg("method=mocov2", "augment=mocov1", tiny=False)
+    assert cfg.augment.jitter_prob == 1.0
+
+
+def test_typos_in_keys_fail(make_cfg: Callable[..., DictConfig]) -> None:
+    with pytest.raises(ConfigCompositionException, match="queue_sise"):
+        make_cfg("model.queue_sise=10")
+
+
+def test_struct_mode_blocks_reads_of_unknown_keys(make_cfg: Callable[..., DictConfig]) -> None:
+    cfg = make_cfg()
+    with pytest.raises((ConfigAttributeError, ConfigKeyError)):
+        _ = cfg.model.queue_sise
+
+
+def test_unknown_group_option_lists_the_choices() -> None:
+    with (
+        initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"),
+        pytest.raises(ConfigCompositionException) as error,
+    ):
+        compose(config_name="train", overrides=["dataset=imagenette"])
+    assert "fashion_mnist" in str(error.value) and "cifar10" in str(error.value)
+
+
+def test_queue_smaller_than_the_global_batch_is_refused_before_training(
+    make_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = make_cfg("model.queue_size=8", "dataset.batch_size=16")
+    with pytest.raises(ValueError, match=r"model.queue_size=8 is smaller than the 16 keys"):
+        build(cfg)
+    cfg = make_cfg("model.queue_size=24", "dataset.batch_size=16", "method=mocov2plus")
+    with pytest.raises(ValueError, match=r"32 keys.*x 2 views"):
+        build(cfg)
+
+
+def test_built_module_gets_objects_not_configs(make_cfg: Callable[..., DictConfig]) -> None:
+    _, model, _ = build(make_cfg())
+    optimizer = model.optimizer_factory(model.parameters())
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert not any(isinstance(v, DictConfig) for v in vars(model).values())

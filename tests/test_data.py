@@ -1,0 +1,148 @@
+"""Readers, transforms and the datamodule on small files and synthetic images."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from mocoq.data.datamodule import MoCoDataModule
+from mocoq.data.datasets import ArrayImageDataset, DatasetNotFoundError, fashion_mnist, synthetic
+from mocoq.data.transforms import EvalTransform, MoCoAugmentation, blur_kernel_size
+
+
+def write_idx(path: Path, array: torch.Tensor, compress: bool) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.dim()) + struct.pack(
+        f">{array.dim()}I", *array.shape
+    )
+    data = header + array.to(torch.uint8).numpy().tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_fashion_mnist_reader_on_idx_files(tmp_path: Path, compress: bool) -> None:
+    images = torch.arange(3 * 28 * 28).reshape(3, 28, 28) % 251
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", images, compress)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.tensor([9, 0, 4]), compress)
+    dataset = fashion_mnist(tmp_path, "test")
+    assert dataset.images.shape == (3, 1, 28, 28)
+    assert torch.equal(dataset.images[:, 0], images.to(torch.uint8))
+    assert dataset.targets.tolist() == [9, 0, 4]
+    image, target = dataset[2]
+    assert image.shape == (1, 28, 28) and target == 4
+
+
+def test_truncated_idx_file_is_named(tmp_path: Path) -> None:
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", torch.zeros(3, 28, 28), False)
+    path = tmp_path / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", torch.zeros(3), False)
+    with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte is truncated"):
+        fashion_mnist(tmp_path, "test")
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match=r"not found under .*apt-get install"):
+        fashion_mnist(tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match="'train' and 'test'"):
+        fashion_mnist(tmp_path, "val")
+
+
+def test_synthetic_is_deterministic_and_split_dependent() -> None:
+    a = synthetic(split="train", num_samples=16, image_size=8, channels=1)
+    b = synthetic(split="train", num_samples=16, image_size=8, channels=1)
+    c = synthetic(split="test", num_samples=16, image_size=8, channels=1)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    assert a.images.shape == (16, 1, 8, 8)
+    assert (synthetic(split="unlabeled", num_samples=4).targets == -1).all()
+
+
+def test_array_dataset_validates_shapes() -> None:
+    with pytest.raises(ValueError, match="uint8 tensor"):
+        ArrayImageDataset(torch.zeros(2, 1, 4, 4), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"targets must have shape \(2,\)"):
+        ArrayImageDataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.zeros(3))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_two_views_differ_and_keep_shape(channels: int) -> None:
+    torch.manual_seed(0)
+    augment = MoCoAugmentation(16, [0.5] * channels, [0.25] * channels)
+    image = torch.randint(0, 256, (channels, 20, 20), dtype=torch.uint8)
+    view_a, view_b = augment(image)
+    assert view_a.shape == view_b.shape == (channels, 16, 16)
+    assert view_a.dtype == torch.float32
+    assert not torch.equal(view_a, view_b)
+
+
+def test_grayscale_images_get_brightness_and_contrast_only() -> None:
+    # On one channel, saturation and hue jitter and random grayscale are identities (as in PIL):
+    # with crop, flip and blur off, a constant image stays constant under the v2 recipe.
+    augment = MoCoAugmentation(
+        8, [0.0], [1.0], crop_scale=(1.0, 1.0), jitter=(0, 0, 0.9, 0.5), jitter_prob=1.0,
+        grayscale_prob=1.0, blur_prob=0.0, flip_prob=0.0,
+    )  # fmt: skip
+    image = torch.full((1, 8, 8), 100, dtype=torch.uint8)
+    view, _ = augment(image)
+    assert torch.allclose(view, torch.full((1, 8, 8), 100 / 255), atol=1e-6)
+
+
+def test_blur_kernel_is_odd_and_about_a_tenth() -> None:
+    assert [blur_kernel_size(s) for s in (16, 32, 96, 224)] == [3, 3, 9, 23]
+
+
+def test_eval_transform_resizes_only_when_needed() -> None:
+    transform = EvalTransform(8, [0.0], [1.0])
+    small = torch.full((1, 8, 8), 255, dtype=torch.uint8)
+    assert torch.equal(transform(small), torch.ones(1, 8, 8))
+    large = torch.full((1, 20, 30), 255, dtype=torch.uint8)
+    assert transform(large).shape == (1, 8, 8)
+
+
+def make_datamodule(**kwargs: object) -> MoCoDataModule:
+    options: dict[str, object] = {
+        "loader": lambda root, split: synthetic(root, split, num_samples=40, image_size=12),
+        "augment": MoCoAugmentation,
+        "image_size": 12,
+        "channels": 3,
+        "batch_size": 16,
+        "num_workers": 0,
+        "eval_batch_size": 32,
+    }
+    options.update(kwargs)
+    return MoCoDataModule(**options)  # type: ignore[arg-type]
+
+
+def test_train_loader_yields_two_views_and_drops_the_last_partial_batch() -> None:
+    datamodule = make_datamodule()
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert len(batches) == 2  # 40 images, batches of 16, the last 8 dropped
+    (view_a, view_b), targets = batches[0]
+    assert view_a.shape == view_b.shape == (16, 3, 12, 12)
+    assert targets.shape == (16,)
+
+
+def test_clean_loaders_are_unaugmented_and_complete() -> None:
+    datamodule = make_datamodule()
+    bank = datamodule.knn_bank_dataloader()
+    assert bank is not None
+    first = torch.cat([images for images, _ in bank])
+    second = torch.cat([images for images, _ in bank])
+    assert first.shape == (40, 3, 12, 12) and torch.equal(first, second)
+
+
+def test_datamodule_errors_name_what_to_fix() -> None:
+    with pytest.raises(ValueError, match=r"batch_size=64 is larger than the 40 training images"):
+        make_datamodule(batch_size=64).setup("fit")
+    with pytest.raises(ValueError, match=r"have 3 channels but dataset.channels is 1"):
+        make_datamodule(channels=1, mean=[0.5], std=[0.5]).setup("fit")
+    with pytest.raises(ValueError, match=r"need 3 values"):
+        make_datamodule(mean=[0.5])
