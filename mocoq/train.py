@@ -10,6 +10,7 @@ This is the only module that knows about Hydra. Usage::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from dataclasses import asdict
@@ -23,6 +24,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from pytorch_lightning.loggers import TensorBoardLogger
 
 from mocoq.callbacks import KNNMonitor
 from mocoq.data.datamodule import MoCoDataModule
@@ -30,6 +32,17 @@ from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
 from mocoq.module import MoCoModule
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("mocoq")
+
+
+class _DropAdverts(logging.Filter):
+    """Keeps Lightning's product tips out of the training log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropAdverts())
 
 
 def cpu_precision() -> str:
@@ -89,7 +102,10 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
         return None
     if ckpt_path == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
+        if last.is_file():
+            return str(last)
+        log.warning("ckpt_path=last: no %s yet, starting a fresh run", last)
+        return None
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
         raise ConfigError(f"ckpt_path={ckpt_path} does not exist: give a checkpoint file or 'last'")
@@ -126,11 +142,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             baseline = raw_pixel_knn(datamodule, monitor)
             if baseline is not None:
                 summary["knn_raw_pixels"] = asdict(baseline)
+    log_hparams_with_results(trainer, cfg, summary)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary))
     return summary
+
+
+def log_hparams_with_results(trainer: pl.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
+    """Write the config with the run's final numbers to TensorBoard's HParams tab."""
+    metrics = {"hparams/steps": float(summary["steps"])}
+    if "knn" in summary:
+        metrics["hparams/knn_top1"] = summary["knn"]["top1"]
+        metrics["hparams/knn_top5"] = summary["knn"]["top5"]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])  # type: ignore[arg-type]
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -72,12 +72,17 @@ def test_short_fit_learns_and_writes_tensorboard(
     assert written["epochs"] == 6
 
 
-def test_hparams_hold_the_composed_config(
+def test_hparams_hold_the_composed_config_and_results(
     make_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    run(make_cfg("trainer.limit_train_batches=2", "~callbacks.knn"))
+    run(make_cfg("trainer.limit_train_batches=2"))
     hparams = (tmp_path / "tensorboard" / "hparams.yaml").read_text()
     assert "queue_size: 64" in hparams and "mocoq.data.datasets.synthetic" in hparams
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    session = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    assert b"model/queue_size" in session and b"dataset/batch_size" in session
+    assert scalars(tmp_path)["hparams/knn_top1"]  # the final kNN is the HParams metric
 
 
 def test_resume_from_last_checkpoint_continues_the_run(
