@@ -92,7 +92,6 @@ class MoCoModule(pl.LightningModule):
         self.ema_momentum = ema_momentum
         self.ema_momentum_schedule = ema_momentum_schedule
         self.symmetric = symmetric
-        self.bn_splits = bn_splits if key_bn == "split" else 1
 
     def _probe_out_dim(self) -> int:
         with torch.no_grad():
@@ -113,15 +112,21 @@ class MoCoModule(pl.LightningModule):
         return F.normalize(self.key_head(self.key_backbone(images)), dim=1)
 
     # --- training ------------------------------------------------------------------------
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        (view_a, view_b), _ = batch
-        keys_per_step = view_a.shape[0] * world_size() * (2 if self.symmetric else 1)
+    def check_batch_fits(self, batch_size: int, devices: int) -> None:
+        """Refuse a step whose keys (batch x devices, x 2 if symmetric) overflow the queue."""
+        views = 2 if self.symmetric else 1
+        keys_per_step = batch_size * devices * views
         if keys_per_step > self.queue.size:
             raise ValueError(
-                f"each step enqueues {keys_per_step} keys (batch x devices x views) but "
-                f"model.queue_size is {self.queue.size}: raise model.queue_size or lower "
-                "dataset.batch_size"
+                f"model.queue_size={self.queue.size} is smaller than the {keys_per_step} keys "
+                f"enqueued per step (dataset.batch_size={batch_size} x {devices} devices"
+                f"{' x 2 views' if views == 2 else ''}): raise model.queue_size to at least "
+                f"{keys_per_step} or lower dataset.batch_size"
             )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        (view_a, view_b), _ = batch
+        self.check_batch_fits(view_a.shape[0], world_size())
         # The queue as it was before this step; cloned because the enqueue below writes in place
         # while autograd still needs these values for the backward pass.
         negatives = self.queue.keys.clone()  # (K, D)

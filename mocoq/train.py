@@ -76,14 +76,7 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True)(
         callbacks=callbacks, logger=loggers or False
     )
-    keys_per_step = datamodule.batch_size * trainer.world_size * (2 if model.symmetric else 1)
-    if keys_per_step > model.queue.size:
-        raise ConfigError(
-            f"model.queue_size={model.queue.size} is smaller than the {keys_per_step} keys "
-            f"enqueued per step (dataset.batch_size={datamodule.batch_size} x "
-            f"{trainer.world_size} devices{' x 2 views' if model.symmetric else ''}): "
-            f"raise model.queue_size to at least {keys_per_step}"
-        )
+    model.check_batch_fits(datamodule.batch_size, trainer.world_size)  # before any output
     return datamodule, model, trainer
 
 

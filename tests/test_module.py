@@ -158,7 +158,7 @@ def test_queue_smaller_than_batch_is_a_clear_error() -> None:
     try:
         module.training_step(((view_a, view_b), torch.zeros(8)), 0)
     except ValueError as error:
-        assert "enqueues 8 keys" in str(error) and "queue_size is 4" in str(error)
+        assert "model.queue_size=4 is smaller than the 8 keys" in str(error)
     else:
         raise AssertionError("a queue smaller than the batch must be refused")
 
