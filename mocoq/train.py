@@ -22,6 +22,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -90,6 +91,14 @@ def raw_pixel_knn(datamodule: MoCoDataModule, monitor: KNNMonitor) -> KNNResult 
     return knn_evaluate(bank, bank_labels, queries, query_labels, monitor.k, monitor.temperature)
 
 
+def _share_log_file(name: str) -> None:
+    """Send a non-propagating library logger to Hydra's ``train.log`` too."""
+    library = logging.getLogger(name)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler not in library.handlers:
+            library.addHandler(handler)
+
+
 def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
@@ -108,6 +117,7 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train with a composed config and return the summary written to ``summary.json``."""
     run_dir = Path(cfg.run_dir)
+    _share_log_file("pytorch_lightning")
     torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
@@ -184,7 +194,14 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, MissingMandatoryValue)
+# Errors that mean "change your command or your files", shown as one line without a traceback.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    MissingMandatoryValue,
+    MisconfigurationException,  # Lightning's word for an impossible trainer setting
+)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -23,8 +23,9 @@ def mocoq_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         ([*TINY_RUN, "model.queue_size=16"], "model.queue_size=16 is smaller than the 64 keys"),
         ([*TINY_RUN, "model.temperature=-1"], "model.temperature must be positive, got -1"),
         (["dataset=image_folder"], "image_folder needs a root folder: set dataset.root="),
+        (["trainer.accelerator=mps"], "`MPSAccelerator` can not run on your system"),
     ],
-    ids=["missing-data", "small-queue", "bad-temperature", "no-root"],
+    ids=["missing-data", "small-queue", "bad-temperature", "no-root", "no-such-device"],
 )
 def test_user_errors_are_one_clear_line(args: list[str], expected: str, tmp_path: Path) -> None:
     result = mocoq_train(*args, cwd=tmp_path)
