@@ -9,7 +9,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from mocoq.data.transforms import EvalTransform
 
@@ -31,16 +31,6 @@ class TransformedDataset(Dataset[tuple[Any, int]]):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, target = self.base[index]
         return self.transform(image), target
-
-
-def dataset_targets(dataset: ImageDataset) -> Tensor:
-    """All targets (N,) of a dataset, read from its ``targets`` attribute when it has one."""
-    if isinstance(dataset, Subset):
-        return dataset_targets(dataset.dataset)[torch.as_tensor(dataset.indices)]
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return torch.as_tensor(targets).long()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 class MoCoDataModule(pl.LightningDataModule):
