@@ -27,10 +27,14 @@ if command -v apt-get >/dev/null 2>&1; then
 fi
 
 echo "Downloading Fashion-MNIST with torchvision into $CACHE_DIR ..."
+errors=$(mktemp)
 if "$PYTHON" -c "from torchvision.datasets import FashionMNIST as F; F('$CACHE_DIR', train=True, download=True); F('$CACHE_DIR', train=False, download=True)" \
-  && have "$CACHE_DIR/FashionMNIST/raw"; then
+  2>"$errors" && have "$CACHE_DIR/FashionMNIST/raw"; then
+  rm -f "$errors"
   exit 0
 fi
+echo "The download failed: $(awk 'NF && !/^[[:space:]]/' "$errors" | tail -n 1)" >&2
+rm -f "$errors"
 
 cat >&2 <<MSG
 Fashion-MNIST is not available. Either
