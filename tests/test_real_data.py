@@ -38,7 +38,7 @@ def test_short_fit_on_fashion_mnist_lowers_the_loss(
         "dataset.batch_size=16",
         "dataset.num_workers=0",
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=100",
+        "trainer.limit_train_batches=150",
         "trainer.precision=32-true",
         "~callbacks.knn",
     )
@@ -46,7 +46,8 @@ def test_short_fit_on_fashion_mnist_lowers_the_loss(
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     loss = [e.value for e in events.Scalars("train/loss")]
-    assert len(loss) == 100
-    # After the queue holds only real keys (step 4), the loss must clearly fall.
+    assert len(loss) == 150
+    # After the queue holds only real keys (step 4), the loss must clearly fall (by 0.14 to
+    # 0.47 over seeds 0-3).
     early, late = sum(loss[4:24]) / 20, sum(loss[-20:]) / 20
     assert late < early - 0.1, (early, late)

@@ -6,10 +6,20 @@ import time
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from mocoq.eval.features import KNNResult, embed, knn_evaluate
+
+
+def _has_labels(dataset: Any) -> bool:
+    """Whether a (possibly wrapped) dataset has labels, read without drawing random numbers."""
+    base = getattr(dataset, "base", dataset)
+    targets = getattr(base, "targets", None)
+    if targets is not None:
+        return bool((torch.as_tensor(targets) >= 0).any())
+    return int(base[0][1]) >= 0
 
 
 class KNNMonitor(pl.Callback):
@@ -48,6 +58,7 @@ class KNNMonitor(pl.Callback):
         self.at_start = at_start
         self.bank_loader = bank_loader
         self.val_loader = val_loader
+        self.disabled = False
         self.initial: KNNResult | None = None
         self.last: KNNResult | None = None
         self.seconds = 0.0
@@ -65,9 +76,19 @@ class KNNMonitor(pl.Callback):
 
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> KNNResult | None:
         """Embed bank and queries with ``pl_module``'s forward and score them."""
+        if self.disabled:
+            return None
         loaders = self._loaders(trainer)
         if loaders is None:
-            rank_zero_warn("KNNMonitor: no kNN bank or val loader; skipping kNN evaluation")
+            rank_zero_warn("KNNMonitor: no kNN bank or val loader; kNN evaluation is off")
+            self.disabled = True
+            return None
+        if not _has_labels(loaders[0].dataset):
+            rank_zero_warn(
+                "KNNMonitor: the kNN bank is unlabelled; set dataset.bank_split to a labelled "
+                "split to measure kNN accuracy (kNN evaluation is off)"
+            )
+            self.disabled = True
             return None
         start = time.perf_counter()
         # The run's precision (bf16 autocast where configured) makes extraction ~2x cheaper.
