@@ -122,8 +122,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     datamodule.setup("fit")  # fail on missing data before any output is written
+    config = OmegaConf.to_container(cfg, resolve=True)  # resolved once, logged at start and end
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        logger.log_hyperparams(config)  # type: ignore[arg-type]
     ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
@@ -145,7 +146,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             baseline = raw_pixel_knn(datamodule, monitor)
             if baseline is not None:
                 summary["knn_raw_pixels"] = asdict(baseline)
-    log_hparams_with_results(trainer, cfg, summary)
+    log_hparams_with_results(trainer, config, summary)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -153,13 +154,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-def log_hparams_with_results(trainer: pl.Trainer, cfg: DictConfig, summary: dict[str, Any]) -> None:
+def log_hparams_with_results(trainer: pl.Trainer, config: Any, summary: dict[str, Any]) -> None:
     """Write the config with the run's final numbers to TensorBoard's HParams tab."""
     metrics = {"hparams/steps": float(summary["steps"])}
     if "knn" in summary:
         metrics["hparams/knn_top1"] = summary["knn"]["top1"]
         metrics["hparams/knn_top5"] = summary["knn"]["top5"]
-    config = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])  # type: ignore[arg-type]
