@@ -162,7 +162,7 @@ def log_hparams_with_results(trainer: pl.Trainer, config: Any, summary: dict[str
         metrics["hparams/knn_top5"] = summary["knn"]["top5"]
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
-            logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])  # type: ignore[arg-type]
+            logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])
 
 
 def format_summary(summary: dict[str, Any]) -> str:
