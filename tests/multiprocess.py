@@ -16,6 +16,7 @@ rank fails the call with that rank's traceback.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import socket
 import traceback
@@ -47,7 +48,8 @@ def _worker(
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
-        results.put((rank, True, fn(rank, world_size, *args)))
+        # Plain pickle bytes: tensors sent as shared memory would vanish with this process.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -76,7 +78,7 @@ def run_distributed(
             failures.append(f"no result from a rank within {timeout} s")
             break
         if ok:
-            outcomes[rank] = value
+            outcomes[rank] = pickle.loads(value)
         else:
             failures.append(f"rank {rank} failed:\n{value}")
     for process in processes:

@@ -10,7 +10,13 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from mocoq.eval.features import KNNResult, embed, knn_evaluate
+from mocoq.eval.features import (
+    KNNResult,
+    embed,
+    embed_sharded,
+    knn_evaluate_sharded,
+    shard_loader,
+)
 
 
 def _has_labels(dataset: Any) -> bool:
@@ -29,6 +35,11 @@ class KNNMonitor(pl.Callback):
     The bank and queries come from the constructor's loaders or, when those are None, from the
     datamodule's ``knn_bank_dataloader()`` and ``knn_val_dataloader()``. The protocol (k, T) is
     logged beside the accuracy as ``knn/k`` and ``knn/temperature``.
+
+    Under DDP each rank embeds only its 1/W shard of the bank and of the queries: the bank is
+    gathered whole on every rank, each rank scores its own queries against it and the correct
+    counts are summed, so every rank holds the same result, equal to the one-process result.
+    The hooks run on every rank, as the collectives need.
 
     Args:
         every_n_epochs: evaluation cadence in epochs (the last epoch is always evaluated).
@@ -91,11 +102,15 @@ class KNNMonitor(pl.Callback):
             self.disabled = True
             return None
         start = time.perf_counter()
+        bank_loader, val_loader = loaders
         # The run's precision (bf16 autocast where configured) makes extraction ~2x cheaper.
         with trainer.precision_plugin.forward_context():
-            bank, bank_labels = embed(pl_module, loaders[0], pl_module.device)
-            queries, query_labels = embed(pl_module, loaders[1], pl_module.device)
-        result = knn_evaluate(bank, bank_labels, queries, query_labels, self.k, self.temperature)
+            # Every rank: the whole bank (B, F), (B,); this rank's queries (M_r, F), (M_r,).
+            bank, bank_labels = embed_sharded(pl_module, bank_loader, pl_module.device)
+            queries, query_labels = embed(pl_module, shard_loader(val_loader), pl_module.device)
+        result = knn_evaluate_sharded(
+            bank, bank_labels, queries, query_labels, self.k, self.temperature
+        )
         self.seconds += time.perf_counter() - start
         return result
 
@@ -126,7 +141,11 @@ class KNNMonitor(pl.Callback):
             return
         self.last = result
         rank_zero_info(f"kNN after epoch {epoch}: {result.describe()}")
-        pl_module.log_dict(self._metrics(result), on_step=False, on_epoch=True)
+        # Every rank holds the same values: syncing them with max keeps them exact (a mean could
+        # round) and is what Lightning asks of epoch-level metrics under DDP.
+        pl_module.log_dict(
+            self._metrics(result), on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"seconds": self.seconds}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sized
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from mocoq.knn import knn_predict, topk_accuracy
+from mocoq.distributed import (
+    StridedShardSampler,
+    all_reduce,
+    gather_uneven,
+    unshard_strided,
+    world_size,
+)
+from mocoq.knn import knn_predict
 
 
 @torch.no_grad()
@@ -20,7 +29,7 @@ def embed(
     """Run ``encoder`` over ``(images (N, C, H, W), targets (N,))`` batches.
 
     Modules are put in eval mode for the pass and restored after. Returns features (M, F) and
-    targets (M,), both on ``device``.
+    targets (M,), both on ``device``; no batches at all give features (0, 0) and targets (0,).
     """
     was_training = isinstance(encoder, nn.Module) and encoder.training
     if isinstance(encoder, nn.Module):
@@ -33,7 +42,66 @@ def embed(
     finally:
         if was_training and isinstance(encoder, nn.Module):
             encoder.train()
+    if not features:  # an empty shard of a dataset smaller than the world
+        return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(features), torch.cat(targets)
+
+
+def _length(loader: DataLoader[Any]) -> int:
+    if not isinstance(loader.dataset, Sized):
+        raise ValueError("sharded embedding needs a dataset with a length (a map-style dataset)")
+    return len(loader.dataset)
+
+
+def shard_loader(
+    loader: DataLoader[Any], rank: int | None = None, num_replicas: int | None = None
+) -> DataLoader[Any]:
+    """A loader over one :class:`~mocoq.distributed.StridedShardSampler` shard of ``loader``.
+
+    The shard of ``rank`` (default: this process's) out of ``num_replicas`` (default: the world
+    size) holds the dataset items ``rank, rank + W, ...`` in order, batched with ``loader``'s
+    batch size, workers, collate function and memory pinning. With one shard (W = 1) it is
+    ``loader`` itself.
+    """
+    replicas = world_size() if num_replicas is None else num_replicas
+    if replicas == 1 and not rank:
+        return loader
+    if loader.batch_size is None:
+        raise ValueError("sharding needs a loader built with batch_size, not a batch_sampler")
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=StridedShardSampler(_length(loader), rank, replicas),
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        worker_init_fn=loader.worker_init_fn,
+    )
+
+
+@torch.no_grad()
+def embed_sharded(
+    encoder: Callable[[Tensor], Tensor],
+    loader: DataLoader[Any],
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """:func:`embed` of all of ``loader``'s dataset, each rank embedding only its own shard.
+
+    A collective: every rank must call it. Each rank embeds the items of its
+    :func:`shard_loader`, then the shards are gathered (in their computed dtype, float32) and
+    put back in dataset order, so every rank returns the same features (M, F) and targets (M,)
+    on ``device``, in the order and with the values :func:`embed` gives in one process: in eval
+    mode the encoder treats each sample on its own, so only kernels whose rounding depends on
+    the batch size could tell the two apart. Exactly :func:`embed` when not distributed; a
+    dataset with fewer items than ranks is embedded whole on every rank (some shards would be
+    empty).
+    """
+    replicas = world_size()
+    if replicas == 1 or _length(loader) < replicas:
+        return embed(encoder, loader, device)
+    features, targets = embed(encoder, shard_loader(loader), device)  # (M_r, F), (M_r,)
+    # Rank-ordered shards (M, F) / (M,), then interleaved back into dataset order.
+    return unshard_strided(gather_uneven(features)), unshard_strided(gather_uneven(targets))
 
 
 def flatten_pixels(images: Tensor) -> Tensor:
@@ -59,6 +127,69 @@ class KNNResult:
         )
 
 
+def _labelled_bank(bank: Tensor, bank_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The bank (B, D) and labels (B,) without unlabelled items (label < 0)."""
+    labelled = bank_labels >= 0
+    if not bool(labelled.any()):
+        raise ValueError("the kNN bank has no labels: choose a labelled split as the bank")
+    return bank[labelled], bank_labels[labelled]
+
+
+@torch.no_grad()
+def knn_correct(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    k: int = 200,
+    temperature: float = 0.1,
+) -> Tensor:
+    """How many ``queries`` the weighted kNN vote classifies correctly, at top-1 and top-5.
+
+    Args:
+        bank: (B, D) labelled reference features.
+        bank_labels: (B,) labels in ``[0, num_classes)``.
+        queries: (M, D) features; M may be 0.
+        query_labels: (M,) true labels (a negative label never counts as correct).
+        num_classes: C.
+        k, temperature: the voting protocol of :func:`mocoq.knn.knn_predict`.
+
+    Returns:
+        int64 (2,) on ``bank.device``: queries whose label is the top class, and among the top 5.
+    """
+    if queries.shape[0] == 0:
+        return torch.zeros(2, dtype=torch.long, device=bank.device)
+    scores = knn_predict(queries, bank, bank_labels, num_classes, k, temperature)  # (M, C)
+    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (M, min(5, C))
+    hits = ranked == query_labels.to(scores.device).unsqueeze(1)  # (M, min(5, C))
+    return torch.stack([hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum()])  # (2,)
+
+
+def _fraction(correct: int, total: int, device: torch.device) -> float:
+    """``correct / total`` as the mean of a 0/1 float vector on ``device``.
+
+    This is the reduction :func:`mocoq.knn.topk_accuracy` applies to its hits, so an accuracy
+    summed from shards is bit-identical to the one-process value on any device (and, being a
+    float32, it is exactly what a TensorBoard scalar stores).
+    """
+    return (torch.arange(total, device=device) < correct).float().mean().item()
+
+
+def _result(
+    correct: Tensor, num_queries: int, k: int, temperature: float, bank_size: int
+) -> KNNResult:
+    top1, top5 = (int(c) for c in correct.tolist())
+    return KNNResult(
+        top1=_fraction(top1, num_queries, correct.device),
+        top5=_fraction(top5, num_queries, correct.device),
+        k=min(k, bank_size),
+        temperature=temperature,
+        bank_size=bank_size,
+        num_queries=num_queries,
+    )
+
+
 def knn_evaluate(
     bank: Tensor,
     bank_labels: Tensor,
@@ -68,14 +199,42 @@ def knn_evaluate(
     temperature: float = 0.1,
     num_classes: int | None = None,
 ) -> KNNResult:
-    """Weighted kNN top-1 / top-5 of ``queries`` (M, D) against ``bank`` (B, D), cosine metric."""
-    labelled = bank_labels >= 0
-    if not bool(labelled.any()):
-        raise ValueError("the kNN bank has no labels: choose a labelled split as the bank")
-    bank, bank_labels = bank[labelled], bank_labels[labelled]
+    """Weighted kNN top-1 / top-5 of ``queries`` (M, D) against ``bank`` (B, D), cosine metric.
+
+    Unlabelled bank items (label < 0) are dropped; C is ``num_classes`` or one more than the
+    largest bank or query label. Local: no collectives.
+    """
+    bank, bank_labels = _labelled_bank(bank, bank_labels)
     classes = num_classes or int(max(bank_labels.max().item(), query_labels.max().item())) + 1
-    scores = knn_predict(queries, bank, bank_labels, classes, k, temperature)
-    top1, top5 = topk_accuracy(scores, query_labels, (1, 5))
-    return KNNResult(
-        top1, top5, min(k, bank.shape[0]), temperature, bank.shape[0], queries.shape[0]
-    )
+    correct = knn_correct(bank, bank_labels, queries, query_labels, classes, k, temperature)
+    return _result(correct, queries.shape[0], k, temperature, bank.shape[0])
+
+
+def knn_evaluate_sharded(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    k: int = 200,
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+) -> KNNResult:
+    """:func:`knn_evaluate` over queries split across ranks, the same result on every rank.
+
+    A collective: every rank must call it, with the same full ``bank`` (B, D) and
+    ``bank_labels`` (B,) (from :func:`embed_sharded`) and its own shard of the queries (M_r, D)
+    with labels (M_r,); M_r may be 0. C comes from the bank and the largest query label over
+    all ranks, and the correct counts are summed over ranks, so the result is the one
+    :func:`knn_evaluate` gives for all queries in one process. Exactly it when not distributed.
+    """
+    bank, bank_labels = _labelled_bank(bank, bank_labels)
+    classes = num_classes
+    if not classes:
+        no_label = torch.tensor(-1, device=query_labels.device)
+        local = query_labels.max() if query_labels.numel() else no_label
+        top_query_label = all_reduce(local.to(bank.device, torch.long), "max")
+        classes = int(max(bank_labels.max().item(), top_query_label.item())) + 1
+    correct = knn_correct(bank, bank_labels, queries, query_labels, classes, k, temperature)
+    counts = torch.cat([correct, correct.new_tensor([queries.shape[0]])])  # (3,): top-1, top-5, M_r
+    totals = all_reduce(counts, "sum")  # (3,) over all ranks
+    return _result(totals[:2], int(totals[2]), k, temperature, bank.shape[0])
