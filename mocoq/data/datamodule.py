@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mocoq.data.sampling import ResumableLoader, ResumableSampler
 from mocoq.data.transforms import EvalTransform
+from mocoq.distributed import world_size
 
 ImageDataset = Dataset[tuple[Tensor, int]]
 Loader = Callable[..., ImageDataset]
@@ -19,7 +21,12 @@ AugmentFactory = Callable[..., Callable[[Tensor], Any]]
 
 
 class TransformedDataset(Dataset[tuple[Any, int]]):
-    """Applies ``transform`` to the image of every ``(image, target)`` item of ``base``."""
+    """Applies ``transform`` to the image of every ``(image, target)`` item of ``base``.
+
+    A key is an index, or an ``(index, seed)`` pair from :class:`ResumableSampler`: then the
+    transform's random draws are seeded with ``seed`` (and the caller's RNG state is restored),
+    so the item's views are the same in any worker, on any rank, before and after a restart.
+    """
 
     def __init__(self, base: ImageDataset, transform: Callable[[Tensor], Any]) -> None:
         self.base = base
@@ -28,8 +35,17 @@ class TransformedDataset(Dataset[tuple[Any, int]]):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, target = self.base[index]
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        if isinstance(key, tuple):
+            index, seed = key
+            image, target = self.base[index]
+            state = torch.get_rng_state()
+            try:
+                torch.default_generator.manual_seed(seed)
+                return self.transform(image), target
+            finally:
+                torch.set_rng_state(state)
+        image, target = self.base[key]
         return self.transform(image), target
 
 
@@ -53,6 +69,7 @@ class MoCoDataModule(pl.LightningDataModule):
         num_workers: data-loading worker processes.
         eval_batch_size: images per batch for the clean loaders.
         eval_resize: shorter side before the centre crop of clean images (None: see EvalTransform).
+        seed: seed of the training order and of every image's augmentation (the run's seed).
     """
 
     def __init__(
@@ -71,6 +88,7 @@ class MoCoDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         eval_batch_size: int = 512,
         eval_resize: int | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -94,7 +112,10 @@ class MoCoDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.augment = augment(image_size=image_size, mean=list(mean), std=list(std))
         self.eval_transform = EvalTransform(image_size, list(mean), list(std), eval_resize)
+        self.seed = seed
         self._splits: dict[str, ImageDataset] = {}
+        self._train_sampler: ResumableSampler | None = None
+        self._resume_position: dict[str, Any] | None = None
 
     def split(self, name: str) -> ImageDataset:
         """The raw dataset (uint8 images) of one split, loaded once."""
@@ -131,9 +152,75 @@ class MoCoDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Two augmented views per image: batches ``((view_a, view_b), targets)``."""
+        """Two augmented views per image: batches ``((view_a, view_b), targets)``.
+
+        The order and the augmentations are drawn from ``seed`` and the epoch, and the loader
+        resumes mid-epoch from a checkpoint (see :mod:`mocoq.data.sampling`). Under DDP it gives
+        each rank its share of every global batch itself.
+        """
+        self._check_sampler_not_replaced()
         dataset = TransformedDataset(self.split(self.train_split), self.augment)
-        return self._loader(dataset, self.batch_size, train=True)
+        sampler = ResumableSampler(len(dataset), self.batch_size, self.seed)
+        if self._resume_position is not None:  # restored from a checkpoint
+            sampler.load_state_dict(self._resume_position)
+            self._resume_position = None
+        elif self._train_sampler is not None:  # a reloaded loader continues where the last stood
+            sampler.load_state_dict(self._train_sampler.state_dict())
+        self._train_sampler = sampler
+        loader = ResumableLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+        loader.position = self.train_position
+        return loader
+
+    def train_position(self) -> dict[str, Any]:
+        """Where the next training sample comes from: ``{"epoch", "consumed", "batches", "seed"}``.
+
+        Saved in checkpoints (by the loader, and by this module's ``state_dict``). At the end of
+        an epoch (including a ``limit_train_batches`` end) it points at the next epoch's start.
+        The restored position is applied before the loader's first iterator exists: the trainer
+        creates that iterator, and worker processes draw indices, before it sets the epoch.
+        """
+        if self._train_sampler is None:
+            return dict(self._resume_position or {})
+        state = self._train_sampler.state_dict()
+        epoch_loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        epoch_over = getattr(epoch_loop, "_num_ready_batches_reached", None)
+        if epoch_over is not None and epoch_over():
+            state.update(epoch=state["epoch"] + 1, consumed=0, batches=0)
+        return state
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.train_position()
+        return {"train_position": position} if position else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_position")
+
+    def _check_sampler_not_replaced(self) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "trainer.use_distributed_sampler must be false: mocoq's training loader gives each "
+                "rank its share of the global batch itself (set trainer.use_distributed_sampler="
+                "false, as conf/trainer/*.yaml do)"
+            )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the samples the trainer takes, so that a checkpoint knows where the epoch is."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            _, targets = batch
+            self._train_sampler.advance(len(targets) * world_size())
+        return batch
 
     def clean_dataloader(self, split: str) -> DataLoader[Any]:
         """Un-augmented images of ``split``: batches ``(images (N, C, S, S), targets (N,))``."""
