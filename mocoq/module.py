@@ -7,7 +7,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -15,7 +17,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from mocoq.distributed import concat_all_gather, world_size
 from mocoq.ema import ema_update, init_key_from_query
 from mocoq.loss import info_nce
-from mocoq.norm import KEY_BN_MODES, convert_to_split_batchnorm
+from mocoq.norm import (
+    batch_shuffle,
+    batch_unshuffle,
+    convert_to_split_batchnorm,
+    convert_to_sync_batchnorm,
+    resolve_key_bn,
+)
 from mocoq.queue import MemoryQueue
 from mocoq.schedules import LRSchedule, ema_momentum_at
 
@@ -47,8 +55,12 @@ class MoCoModule(pl.LightningModule):
         ema_momentum: key-encoder momentum m (the paper's m).
         ema_momentum_schedule: ``constant`` or ``cosine`` (from ``ema_momentum`` to 1.0).
         symmetric: use the symmetrised loss (MoCo v2+ / the CIFAR-10 demo's symmetric variant).
-        key_bn: ``split`` normalises ``bn_splits`` groups of the batch apart in both encoders
-            (one-device stand-in for the paper's shuffle BN); ``none`` leaves BatchNorm alone.
+        key_bn: how BatchNorm is kept from leaking the positive (see :mod:`mocoq.norm`):
+            ``shuffle`` (the key batch is shuffled across ranks), ``split`` (``bn_splits`` groups
+            of the batch are normalised apart in both encoders: the one-device stand-in),
+            ``sync`` (SyncBatchNorm, GPUs only), ``none``, or ``auto`` (default): ``shuffle``
+            under DDP, ``split`` on one device. Resolved in :meth:`setup`, once the number of
+            ranks is known; ``split`` is applied at construction.
         bn_splits: number of groups for ``key_bn=split``.
     """
 
@@ -63,7 +75,7 @@ class MoCoModule(pl.LightningModule):
         ema_momentum: float = 0.999,
         ema_momentum_schedule: str = "constant",
         symmetric: bool = False,
-        key_bn: str = "split",
+        key_bn: str = "auto",
         bn_splits: int = 8,
     ) -> None:
         super().__init__()
@@ -71,14 +83,15 @@ class MoCoModule(pl.LightningModule):
             raise ValueError(f"model.temperature must be positive, got {temperature}")
         if not 0.0 <= ema_momentum <= 1.0:
             raise ValueError(f"model.ema_momentum must be in [0, 1], got {ema_momentum}")
-        if key_bn not in KEY_BN_MODES:
-            raise ValueError(f"model.key_bn must be one of {KEY_BN_MODES}, got {key_bn!r}")
+        resolve_key_bn(key_bn, 1)  # validates the name
+        if bn_splits < 1:
+            raise ValueError(f"model.bn_splits must be positive, got {bn_splits}")
         ema_momentum_at(0, 1, ema_momentum, ema_momentum_schedule)  # validates the name
         if not hasattr(backbone, "out_dim"):
             raise ValueError("the backbone needs an 'out_dim' attribute (its feature dimension)")
         self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "lr_schedule"])
         if key_bn == "split" and bn_splits > 1:
-            convert_to_split_batchnorm(backbone, bn_splits)
+            convert_to_split_batchnorm(backbone, bn_splits)  # copied into the key encoder below
         self.backbone = backbone
         self.feature_dim = int(backbone.out_dim)  # type: ignore[arg-type]
         self.head = head if isinstance(head, nn.Module) else head(self.feature_dim)
@@ -92,6 +105,56 @@ class MoCoModule(pl.LightningModule):
         self.ema_momentum = ema_momentum
         self.ema_momentum_schedule = ema_momentum_schedule
         self.symmetric = symmetric
+        self.key_bn = key_bn
+        self.bn_splits = bn_splits
+        # The mode in force; ``auto`` becomes ``shuffle`` or ``split`` in setup().
+        self.key_bn_mode = key_bn if key_bn != "auto" else "split"
+        self._configured_lrs: list[float] = []  # set by configure_optimizers
+
+    def setup(self, stage: str) -> None:
+        """Resolve ``key_bn`` for the number of ranks and convert BatchNorm layers to match.
+
+        Runs on every rank before the optimizer is built and before DDP wraps the model; the
+        conversions keep parameter names and values, so checkpoints load across modes (a run
+        started with ``split`` on one GPU resumes with ``shuffle`` on eight).
+        """
+        if self._trainer is None:
+            self.configure_key_bn(world_size(), on_gpu=self.device.type != "cpu")
+            return
+        # The module is moved to its device after this hook: ask the strategy where it goes.
+        device = self.trainer.strategy.root_device
+        self.configure_key_bn(self.trainer.world_size, on_gpu=device.type != "cpu")
+
+    def configure_key_bn(self, ranks: int, on_gpu: bool = True) -> str:
+        """Apply ``key_bn`` for ``ranks`` ranks; returns the mode in force."""
+        mode = resolve_key_bn(self.key_bn, ranks)
+        if mode == "split" and self.bn_splits > 1:
+            convert_to_split_batchnorm(self.backbone, self.bn_splits)
+            convert_to_split_batchnorm(self.key_backbone, self.bn_splits)
+        elif mode == "sync":
+            if ranks > 1 and not on_gpu:
+                raise ValueError(
+                    "model.key_bn=sync needs GPUs (torch's SyncBatchNorm runs on CUDA only): "
+                    "use model.key_bn=shuffle for DDP on CPUs"
+                )
+            if ranks == 1:
+                rank_zero_warn(
+                    "model.key_bn=sync on one device is plain BatchNorm, which leaks the positive "
+                    "through the batch statistics: use model.key_bn=split (or auto) on one device"
+                )
+            self.backbone = convert_to_sync_batchnorm(self.backbone)
+            self.key_backbone = convert_to_sync_batchnorm(self.key_backbone)
+            self.head = convert_to_sync_batchnorm(self.head)
+            self.key_head = convert_to_sync_batchnorm(self.key_head)
+        elif mode == "shuffle" and ranks == 1:
+            rank_zero_warn(
+                "model.key_bn=shuffle on one device permutes one batch, which changes nothing: "
+                "use model.key_bn=split (or auto) to keep BatchNorm from leaking the positive"
+            )
+        if mode != self.key_bn_mode or self.key_bn == "auto":
+            rank_zero_info(f"key-encoder BatchNorm: {mode} ({ranks} rank{'s' * (ranks > 1)})")
+        self.key_bn_mode = mode
+        return mode
 
     def _probe_out_dim(self) -> int:
         with torch.no_grad():
@@ -107,9 +170,24 @@ class MoCoModule(pl.LightningModule):
         return F.normalize(self.head(self.backbone(images)), dim=1)
 
     @torch.no_grad()
-    def project_keys(self, images: Tensor) -> Tensor:
-        """L2-normalised key projections (N, D) from the EMA encoder, without gradient."""
-        return F.normalize(self.key_head(self.key_backbone(images)), dim=1)
+    def project_keys(self, images: Tensor, shuffle_seed: int | None = None) -> Tensor:
+        """L2-normalised key projections (N, D) from the EMA encoder, without gradient.
+
+        With ``shuffle_seed`` (``key_bn=shuffle``) the batch is shuffled across ranks with that
+        seed for the forward pass and the keys are returned in the input's order.
+        """
+        if shuffle_seed is None:
+            return F.normalize(self.key_head(self.key_backbone(images)), dim=1)
+        generator = torch.Generator().manual_seed(shuffle_seed)
+        shuffled, unshuffle = batch_shuffle(images, generator)
+        keys = F.normalize(self.key_head(self.key_backbone(shuffled)), dim=1)
+        return batch_unshuffle(keys, unshuffle)
+
+    def _shuffle_seed(self, half: int) -> int | None:
+        """Same on every rank and a pure function of the step, so a resumed run shuffles alike."""
+        if self.key_bn_mode != "shuffle":
+            return None
+        return 2 * self.global_step + half
 
     # --- training ------------------------------------------------------------------------
     def check_batch_fits(self, batch_size: int, devices: int) -> None:
@@ -131,12 +209,12 @@ class MoCoModule(pl.LightningModule):
         # while autograd still needs these values for the backward pass.
         negatives = self.queue.keys.clone()  # (K, D)
         query_a = self.project(view_a)  # (N, D)
-        key_b = self.project_keys(view_b)  # (N, D)
+        key_b = self.project_keys(view_b, self._shuffle_seed(0))  # (N, D)
         loss, logits = info_nce(query_a, key_b, negatives, self.temperature)
         new_keys = key_b
         if self.symmetric:
             query_b = self.project(view_b)  # (N, D)
-            key_a = self.project_keys(view_a)  # (N, D)
+            key_a = self.project_keys(view_a, self._shuffle_seed(1))  # (N, D)
             loss_ba, logits_ba = info_nce(query_b, key_a, negatives, self.temperature)
             loss = loss + loss_ba  # summed, as in the reference symmetric recipe
             logits = torch.cat([logits, logits_ba])  # (2N, 1 + K)
@@ -147,18 +225,24 @@ class MoCoModule(pl.LightningModule):
         return loss
 
     def _log_step(self, loss: Tensor, logits: Tensor) -> None:
-        """Log the loss, (1 + K)-way accuracy and mean positive / negative cosine similarity."""
+        """Log the loss, (1 + K)-way accuracy and mean positive / negative cosine similarity,
+        averaged over ranks in one all-reduce (every rank has the same batch size)."""
         similarity = logits.float() * self.temperature  # undo the 1/T: cosine similarities
-        self.log_dict(
-            {
-                "train/loss": loss.detach(),
-                "train/acc1": (logits.argmax(dim=1) == 0).float().mean(),
-                "train/pos_logit": similarity[:, 0].mean(),
-                "train/neg_logit": similarity[:, 1:].mean(),
-            },
-            prog_bar=False,
+        stats = torch.stack(
+            [
+                loss.detach().float(),
+                (logits.argmax(dim=1) == 0).float().mean(),
+                similarity[:, 0].mean(),
+                similarity[:, 1:].mean(),
+            ]
         )
-        self.log("loss", loss.detach(), prog_bar=True, logger=False)
+        ranks = world_size()
+        if ranks > 1:
+            dist.all_reduce(stats)
+            stats = stats / ranks
+        names = ("train/loss", "train/acc1", "train/pos_logit", "train/neg_logit")
+        self.log_dict(dict(zip(names, stats.unbind(), strict=True)), prog_bar=False)
+        self.log("loss", stats[0], prog_bar=True, logger=False)
         self.log("train/ema_momentum", self.current_ema_momentum())
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -177,9 +261,38 @@ class MoCoModule(pl.LightningModule):
         ema_update(self.backbone, self.key_backbone, momentum)
         ema_update(self.head, self.key_head, momentum)
 
+    def on_train_start(self) -> None:
+        """Keep the configured base learning rates after a resume.
+
+        A checkpoint restores the optimizer's and scheduler's base lr; a run resumed with another
+        global batch (more devices) must use the lr configured for it, at the same point of the
+        schedule.
+        """
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is None or not self._configured_lrs:
+            return
+        configured = self._configured_lrs
+        schedulers = [c.scheduler for c in self.trainer.lr_scheduler_configs]
+        restored = list(getattr(schedulers[0], "base_lrs", [])) if schedulers else []
+        if not restored:
+            restored = [group.get("initial_lr", group["lr"]) for group in optimizer.param_groups]
+        if restored == configured:
+            return
+        for group, old, new in zip(optimizer.param_groups, restored, configured, strict=True):
+            group["lr"] = group["lr"] * new / old if old else new
+            group["initial_lr"] = new
+        for scheduler in schedulers:
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = list(configured)
+        rank_zero_info(
+            f"base learning rate {restored[0]:.4g} from the checkpoint replaced by the configured "
+            f"{configured[0]:.4g} (global batch or lr changed)"
+        )
+
     def configure_optimizers(self) -> Any:
         parameters = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(parameters)
+        self._configured_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         if self.lr_schedule is None:
             return optimizer
         schedule = self.lr_schedule

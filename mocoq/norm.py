@@ -1,9 +1,19 @@
-"""BatchNorm handling for MoCo's encoders.
+"""BatchNorm handling for MoCo's encoders (``model.key_bn``).
 
 A key encoder whose BatchNorm sees the whole batch leaks which key belongs to which query through
-the batch statistics, and the model learns that shortcut instead of the images. The MoCo paper
-shuffles the key batch across GPUs; on one device, ``split`` normalises N groups of the batch on
-their own (as the official CIFAR-10 demo does), which emulates N devices.
+the batch statistics, and the model learns that shortcut instead of the images. The modes:
+
+* ``shuffle``: the MoCo paper's answer under DDP. The key batch is shuffled across ranks before
+  the key forward and put back in order after (:func:`batch_shuffle`, :func:`batch_unshuffle`),
+  so a key's BatchNorm statistics come from other samples than its query's.
+* ``split``: on one device, normalise N groups of the batch on their own
+  (:class:`SplitBatchNorm2d`, as the official CIFAR-10 demo does), which emulates N devices.
+* ``sync``: ``nn.SyncBatchNorm`` in both encoders (statistics over the global batch).
+* ``none``: leave BatchNorm alone (for backbones without BatchNorm, or to study the leak).
+* ``auto`` (default): ``shuffle`` when there is more than one rank, else ``split``.
+
+All modes act on the input batch or replace ``BatchNorm`` layers in place, so they work with any
+backbone, not only ResNets.
 """
 
 from __future__ import annotations
@@ -12,7 +22,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KEY_BN_MODES = ("split", "none")
+from mocoq.distributed import concat_all_gather, rank
+
+KEY_BN_MODES = ("auto", "shuffle", "split", "sync", "none")
+
+
+def resolve_key_bn(mode: str, world_size: int) -> str:
+    """The mode ``auto`` stands for with ``world_size`` ranks; other modes are returned as is."""
+    if mode not in KEY_BN_MODES:
+        raise ValueError(f"model.key_bn must be one of {KEY_BN_MODES}, got {mode!r}")
+    if mode == "auto":
+        return "shuffle" if world_size > 1 else "split"
+    return mode
+
+
+@torch.no_grad()
+def batch_shuffle(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Shuffle a batch across all ranks.
+
+    Every rank passes its local batch (N, ...) and the same ``generator`` state (the permutation
+    is drawn on the CPU from it, so no broadcast is needed). Returns this rank's share of the
+    shuffled global batch (N, ...) and the index (W * N,) that :func:`batch_unshuffle` needs.
+    At world size 1 the batch is permuted locally.
+    """
+    gathered = concat_all_gather(images)  # (W * N, ...)
+    permutation = torch.randperm(gathered.shape[0], generator=generator).to(images.device)
+    local = permutation.view(-1, images.shape[0])[rank()]  # (N,)
+    return gathered[local], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def batch_unshuffle(outputs: Tensor, unshuffle: Tensor) -> Tensor:
+    """Undo :func:`batch_shuffle` on outputs (N, ...): each rank gets its own samples back."""
+    gathered = concat_all_gather(outputs)  # (W * N, ...), in shuffled order
+    local = unshuffle.view(-1, outputs.shape[0])[rank()]  # (N,)
+    return gathered[local]
+
+
+def convert_to_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every ``BatchNorm*d`` in ``module`` by ``nn.SyncBatchNorm`` (weights kept)."""
+    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -84,6 +133,8 @@ def convert_to_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
                 track_running_stats=child.track_running_stats,
             ).to(device=child.weight.device if child.weight is not None else None)
             split.load_state_dict(child.state_dict())
+            if child.affine:  # the same Parameter objects: requires_grad and identity carry over
+                split.weight, split.bias = child.weight, child.bias
             split.train(child.training)
             setattr(module, name, split)
         else:

@@ -6,12 +6,14 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mocoq.loss import info_nce
 from mocoq.module import MoCoModule
+from mocoq.norm import SplitBatchNorm2d
 
 from conftest import tiny_module
 
@@ -183,3 +185,23 @@ def test_keys_are_unit_vectors() -> None:
     assert keys.shape == (8, 8)  # N images, D = head.out_dim
     assert torch.allclose(keys.norm(dim=1), torch.ones(8), atol=1e-5)
     assert not keys.requires_grad
+
+
+@pytest.mark.parametrize(("key_bn", "ranks"), [("auto", 1), ("split", 1), ("none", 1), ("auto", 2)])
+def test_key_bn_modes_resolve_and_keep_the_key_encoder_frozen(key_bn: str, ranks: int) -> None:
+    module = tiny_module(key_bn=key_bn, bn_splits=2)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    mode = module.configure_key_bn(ranks, on_gpu=False)
+    assert mode == {"auto": "split" if ranks == 1 else "shuffle"}.get(key_bn, key_bn)
+    split_layers = [m for m in module.key_backbone.modules() if isinstance(m, SplitBatchNorm2d)]
+    assert bool(split_layers) == (mode == "split")
+    # The same parameters train after the conversion: none of the key encoder's.
+    assert {n for n, p in module.named_parameters() if p.requires_grad} == trainable
+    assert not any(n.startswith(("key_backbone.", "key_head.")) for n in trainable)
+
+
+def test_sync_bn_on_cpu_ranks_is_refused_with_the_alternative() -> None:
+    with pytest.raises(ValueError, match="key_bn=shuffle"):
+        tiny_module(key_bn="sync").configure_key_bn(2, on_gpu=False)
+    with pytest.raises(ValueError, match="key_bn must be one of"):
+        tiny_module(key_bn="shufle")

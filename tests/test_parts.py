@@ -119,3 +119,15 @@ def test_topk_accuracy() -> None:
     top1, top2 = topk_accuracy(scores, labels, (1, 2))
     assert top1 == pytest.approx(1 / 3)
     assert top2 == pytest.approx(2 / 3)
+
+
+def test_convert_keeps_parameters_and_their_requires_grad() -> None:
+    model = SmallResNet(1, widths=(4, 8), blocks=(1, 1))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # as in a key encoder
+    before = {name: p for name, p in model.named_parameters()}
+    convert_to_split_batchnorm(model, 2)
+    after = dict(model.named_parameters())
+    assert after.keys() == before.keys()
+    assert all(after[name] is before[name] for name in before)  # the same objects
+    assert not any(p.requires_grad for p in model.parameters())
