@@ -59,23 +59,57 @@ class ConfigError(ValueError):
     """A value in the composed config cannot be used; the message names the key to change."""
 
 
+LR_SCALING_RULES = ("linear", "sqrt", "none")
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """The learning rate for ``global_batch`` images per step, given ``base_lr`` for
+    ``reference_batch``: ``linear`` multiplies by the ratio (Goyal et al. 2017), ``sqrt`` by its
+    square root, ``none`` keeps ``base_lr``."""
+    if rule not in LR_SCALING_RULES:
+        raise ValueError(f"lr_scaling.rule must be one of {LR_SCALING_RULES}, got {rule!r}")
+    if reference_batch < 1:
+        raise ValueError(f"lr_scaling.reference_batch_size must be positive, got {reference_batch}")
+    ratio = global_batch / reference_batch
+    return base_lr * {"linear": ratio, "sqrt": ratio**0.5, "none": 1.0}[rule]
+
+
 def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     """Instantiate the datamodule, the module and the trainer from a composed config."""
     # Built objects are passed to partials, not as instantiate() kwargs: Hydra would turn a
     # dataclass argument (LRSchedule) back into a config node.
     datamodule: MoCoDataModule = instantiate(cfg.dataset, _partial_=True)(
-        augment=instantiate(cfg.augment)
-    )
-    model: MoCoModule = instantiate(cfg.model, _partial_=True)(
-        backbone=instantiate(cfg.backbone),
-        head=instantiate(cfg.head),
-        optimizer=instantiate(cfg.optim),
-        lr_schedule=instantiate(cfg.schedule),
+        augment=instantiate(cfg.augment), seed=cfg.seed
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True)(
         callbacks=callbacks, logger=loggers or False
+    )
+    optimizer_overrides = {}
+    if "lr" in cfg.optim:
+        global_batch = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        scaling = cfg.get("lr_scaling") or {}
+        lr = scaled_lr(
+            float(cfg.optim.lr),
+            global_batch,
+            int(scaling.get("reference_batch_size", global_batch)),
+            str(scaling.get("rule", "none")),
+        )
+        optimizer_overrides["lr"] = lr
+        log.info(
+            "learning rate %.4g: optim.lr=%.4g for %d images, %s-scaled to the global batch of %d",
+            lr,
+            cfg.optim.lr,
+            int(scaling.get("reference_batch_size", global_batch)),
+            scaling.get("rule", "none"),
+            global_batch,
+        )
+    model: MoCoModule = instantiate(cfg.model, _partial_=True)(
+        backbone=instantiate(cfg.backbone),
+        head=instantiate(cfg.head),
+        optimizer=instantiate(cfg.optim, **optimizer_overrides),
+        lr_schedule=instantiate(cfg.schedule),
     )
     model.check_batch_fits(datamodule.batch_size, trainer.world_size)  # before any output
     return datamodule, model, trainer
@@ -204,9 +238,53 @@ USER_ERRORS = (
 )
 
 
+def resume_arguments(arguments: list[str]) -> list[str]:
+    """Expand ``resume=<run dir>`` into the overrides that continue that run in place.
+
+    The run's own overrides (Hydra saves them in ``<run dir>/.hydra/overrides.yaml``) come
+    first, then ``hydra.run.dir=<run dir> ckpt_path=last``, then the other arguments, which win
+    over the saved ones (e.g. ``trainer.devices=8`` to continue on more GPUs). Arguments without
+    ``resume=`` are returned unchanged.
+    """
+    chosen = [a for a in arguments if a.startswith("resume=")]
+    if not chosen:
+        return arguments
+    run_dir = Path(chosen[-1].split("=", 1)[1]).expanduser()
+    saved_overrides = run_dir / ".hydra" / "overrides.yaml"
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(
+            f"resume={run_dir}: no checkpoints/last.ckpt there; give the directory of a run "
+            "(the 'Run directory' its report printed)"
+        )
+    if not saved_overrides.is_file():
+        raise ConfigError(
+            f"resume={run_dir}: {saved_overrides} is missing; resume with "
+            f"ckpt_path={run_dir}/checkpoints/last.ckpt and the run's overrides"
+        )
+    rest = [a for a in arguments if not a.startswith("resume=")]
+
+    def key(argument: str) -> str:
+        return argument.split("=", 1)[0].lstrip("+~")
+
+    given = {key(a) for a in rest} | {"hydra.run.dir", "ckpt_path"}
+    saved = [str(o) for o in OmegaConf.load(saved_overrides)]
+    kept = [o for o in saved if key(o) not in given]
+    return [*kept, f"hydra.run.dir={run_dir}", "ckpt_path=last", *rest]
+
+
+def main() -> None:
+    """Entry point of ``mocoq-train``: Hydra overrides, plus ``resume=<run dir>``."""
+    try:
+        sys.argv[1:] = resume_arguments(sys.argv[1:])
+    except ConfigError as error:
+        print(f"mocoq-train: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    _main()
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
-    """Entry point of ``mocoq-train``; user errors become one line on stderr and exit code 2."""
+def _main(cfg: DictConfig) -> None:
+    """Compose, train and report; user errors become one line on stderr and exit code 2."""
     try:
         run(cfg)
     except (InstantiationException, OmegaConfBaseException, *USER_ERRORS) as error:

@@ -35,6 +35,7 @@ TINY = [
     "trainer.enable_model_summary=false",
     "trainer.log_every_n_steps=1",
     "report.raw_pixel_baseline=false",
+    "lr_scaling.reference_batch_size=16",  # optim.lr is the lr of the tiny batch on one process
 ]
 
 
