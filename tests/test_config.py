@@ -15,7 +15,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 from mocoq.backbones import SmallResNet
 from mocoq.data.datamodule import MoCoDataModule
 from mocoq.module import MoCoModule
-from mocoq.train import CONFIG_DIR, build
+from mocoq.train import CONFIG_DIR, build, scaled_lr
 
 CONF = Path(CONFIG_DIR)
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -157,3 +157,38 @@ def test_built_module_gets_objects_not_configs(make_cfg: Callable[..., DictConfi
     optimizer = model.optimizer_factory(model.parameters())
     assert isinstance(optimizer, torch.optim.SGD)
     assert not any(isinstance(v, DictConfig) for v in vars(model).values())
+
+
+def test_lr_scaling_rules() -> None:
+    assert scaled_lr(0.03, 512, 256, "linear") == pytest.approx(0.06)
+    assert scaled_lr(0.03, 1024, 256, "sqrt") == pytest.approx(0.06)
+    assert scaled_lr(0.03, 1024, 256, "none") == 0.03
+    with pytest.raises(ValueError, match=r"lr_scaling\.rule must be one of"):
+        scaled_lr(0.03, 256, 256, "cubic")
+    with pytest.raises(ValueError, match="reference_batch_size must be positive"):
+        scaled_lr(0.03, 256, 0, "linear")
+
+
+def test_lr_follows_the_global_batch(make_cfg: Callable[..., DictConfig]) -> None:
+    def built_lr(*overrides: str) -> float:
+        _, model, _ = build(make_cfg("optim.lr=0.1", *overrides))
+        return float(model.optimizer_factory(model.parameters()).param_groups[0]["lr"])
+
+    assert built_lr() == pytest.approx(0.1)  # tiny batch 16 = the tests' reference batch
+    # Two DDP processes (the trainer is built, nothing is launched) double the global batch.
+    two = ["trainer.strategy=ddp", "trainer.devices=2"]
+    assert built_lr(*two) == pytest.approx(0.2)
+    assert built_lr(*two, "trainer.accumulate_grad_batches=2") == pytest.approx(0.4)
+    assert built_lr(*two, "lr_scaling.rule=none") == pytest.approx(0.1)
+
+
+def test_presets_scale_from_their_published_batch(make_cfg: Callable[..., DictConfig]) -> None:
+    imagenet = make_cfg("experiment=mocov2_r50_imagenet_200ep", tiny=False)
+    assert imagenet.lr_scaling.rule == "linear" and imagenet.lr_scaling.reference_batch_size == 256
+    assert imagenet.model.key_bn == "shuffle"  # the paper's shuffle BN across 8 GPUs
+    for name in ("mocov2_r18_cifar10_200ep", "mocov2plus_r18_cifar10_800ep"):
+        cifar = make_cfg(f"experiment={name}", tiny=False)
+        assert cifar.lr_scaling.reference_batch_size == cifar.dataset.batch_size == 512
+    default = make_cfg(tiny=False)
+    assert default.model.key_bn == "auto" and default.lr_scaling.reference_batch_size == 256
+    assert default.dataset.batch_size == 256  # so the default run uses optim.lr as written

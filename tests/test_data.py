@@ -11,6 +11,7 @@ import torch
 
 from mocoq.data.datamodule import MoCoDataModule
 from mocoq.data.datasets import ArrayImageDataset, DatasetNotFoundError, fashion_mnist, synthetic
+from mocoq.data.sampling import ResumableSampler
 from mocoq.data.transforms import EvalTransform, MoCoAugmentation, blur_kernel_size
 
 
@@ -146,3 +147,52 @@ def test_datamodule_errors_name_what_to_fix() -> None:
         make_datamodule(channels=1, mean=[0.5], std=[0.5]).setup("fit")
     with pytest.raises(ValueError, match=r"need 3 values"):
         make_datamodule(mean=[0.5])
+
+
+def _epoch(datamodule: MoCoDataModule) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [(a, b, y) for (a, b), y in datamodule.train_dataloader()]
+
+
+def test_augmentations_do_not_depend_on_workers_or_the_global_rng() -> None:
+    torch.manual_seed(1)
+    in_process = _epoch(make_datamodule(seed=5))
+    torch.manual_seed(2)  # another global RNG state, and two worker processes
+    in_workers = _epoch(make_datamodule(seed=5, num_workers=2))
+    assert len(in_process) == len(in_workers) == 2
+    for (a1, b1, y1), (a2, b2, y2) in zip(in_process, in_workers, strict=True):
+        assert torch.equal(a1, a2) and torch.equal(b1, b2) and torch.equal(y1, y2)
+    assert not torch.equal(in_process[0][0], in_process[0][1])  # two different views
+    other_seed = _epoch(make_datamodule(seed=6))
+    assert not torch.equal(other_seed[0][0], in_process[0][0])
+
+
+def test_seeded_item_restores_the_callers_rng() -> None:
+    datamodule = make_datamodule()
+    dataset = datamodule.train_dataloader().dataset
+    torch.manual_seed(0)
+    expected_next = torch.rand(3)
+    torch.manual_seed(0)
+    first = dataset[(3, 1234)]
+    assert torch.equal(torch.rand(3), expected_next)  # the transform's draws left no trace
+    again = dataset[(3, 1234)]
+    assert torch.equal(first[0][0], again[0][0]) and torch.equal(first[0][1], again[0][1])
+
+
+def test_sampler_order_position_and_seed_checks() -> None:
+    sampler = ResumableSampler(40, 8, seed=3)
+    epoch0 = [i for i, _ in sampler]
+    assert sorted(epoch0) == list(range(40)) and epoch0 != list(range(40))
+    assert [i for i, _ in sampler] == epoch0  # a pure function of (seed, epoch)
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != epoch0
+    sampler.advance(8)
+    sampler.advance(8)
+    assert len(sampler) == 40 and [i for i, _ in sampler] == sampler.plan()[0][16:].tolist()
+    sampler.set_epoch(1)  # the same epoch again (as after a restart) keeps the position
+    assert sampler.consumed == 16
+    # After a restart with batch 16: the 2 batches taken + the 1 whole batch of 16 left.
+    bigger = ResumableSampler(40, 16, seed=3)
+    bigger.load_state_dict(sampler.state_dict())
+    assert len(bigger) == (2 + 1) * 16
+    with pytest.raises(ValueError, match="resume with seed=3"):
+        ResumableSampler(40, 8, seed=4).load_state_dict(sampler.state_dict())
