@@ -88,8 +88,8 @@ class MemoryQueue(nn.Module):
             raise ValueError(
                 f"checkpoint queue holds {saved.shape[0]} keys of dim "
                 f"{saved.shape[1]}, but this model's queue is {self.size} x {self.dim}: "
-                "use the checkpoint's model.queue_size (and head dim), or start a fresh run "
-                "from its weights instead of resuming"
+                "resume with the checkpoint's model.queue_size (and head.out_dim), or start a "
+                "new run from its weights with init_weights=<checkpoint> instead of resuming"
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ptr = int(self.ptr)

@@ -115,6 +115,36 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     return datamodule, model, trainer
 
 
+def load_initial_weights(model: MoCoModule, path: str) -> None:
+    """Start ``model`` from a checkpoint's encoder and head weights (query and key), without its
+    queue, optimizer, schedule or data position: a new run from old weights."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"init_weights={path} does not exist: give a mocoq checkpoint file")
+    try:
+        # A Lightning checkpoint holds more than tensors (loop state, hyper-parameters).
+        checkpoint = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ConfigError(f"init_weights={path} is not a readable checkpoint: {error}") from error
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"init_weights={path} holds no state dict")
+    weights = {k: v for k, v in state.items() if not k.startswith("queue.")}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # a shape mismatch: another backbone or head
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ConfigError(f"init_weights={path} does not fit this model: {first}") from error
+    missing = [k for k in missing if not k.startswith("queue.")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"init_weights={path} does not fit this model: {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}); "
+            "use the backbone and head the checkpoint was trained with"
+        )
+    log.info("encoder weights initialised from %s (queue, optimizer and position are new)", file)
+
+
 def raw_pixel_knn(datamodule: MoCoDataModule, monitor: KNNMonitor) -> KNNResult | None:
     """kNN on normalised raw pixels with the monitor's k, T, bank and query splits."""
     bank_loader, val_loader = datamodule.knn_bank_dataloader(), datamodule.knn_val_dataloader()
@@ -160,6 +190,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(config)  # type: ignore[arg-type]
     ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if cfg.get("init_weights"):
+        if ckpt_path is not None:
+            raise ConfigError(
+                "init_weights starts a new run from old weights and ckpt_path resumes one: "
+                "give only one of them"
+            )
+        load_initial_weights(model, str(cfg.init_weights))
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -11,7 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
+from mocoq.backbones import SmallResNet
+from mocoq.heads import ProjectionHead
+from mocoq.module import MoCoModule
+from mocoq.train import ConfigError, load_initial_weights
+
+from conftest import TINY, tiny_module
 
 TESTS = Path(__file__).resolve().parent
 RUN = [
@@ -107,3 +113,46 @@ def test_resume_a_run_directory_with_its_own_overrides(tmp_path: Path) -> None:
     assert "mocoq-train: error: resume=" in missing.stderr and "no checkpoints/last.ckpt" in (
         missing.stderr
     )
+
+
+def test_another_queue_size_is_refused_and_init_weights_starts_afresh(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert train(run_dir, "trainer.max_epochs=1").returncode == 0
+    refused = train(run_dir, "trainer.max_epochs=2", "ckpt_path=last", "model.queue_size=128")
+    assert refused.returncode == 2
+    assert "checkpoint queue holds 64 keys of dim 16, but this model's queue is 128 x 16" in (
+        refused.stderr
+    )
+    assert "init_weights=<checkpoint>" in refused.stderr
+
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    fresh = tmp_path / "fresh"
+    started = train(fresh, f"init_weights={checkpoint}", "model.queue_size=128")
+    assert started.returncode == 0, started.stderr
+    assert "encoder weights initialised from" in started.stderr + started.stdout
+    state = torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["state_dict"]["queue.keys"].shape == (128, 16) and state["global_step"] == 8
+
+
+def test_init_weights_loads_encoders_but_not_the_queue(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    source = tiny_module(queue_size=32)
+    torch.save({"state_dict": source.state_dict()}, tmp_path / "source.ckpt")
+    torch.manual_seed(1)
+    target = tiny_module(queue_size=64)
+    queue_before = target.queue.keys.clone()
+    load_initial_weights(target, str(tmp_path / "source.ckpt"))
+    for name, value in source.state_dict().items():
+        if not name.startswith("queue."):
+            assert torch.equal(target.state_dict()[name], value), name
+    assert torch.equal(target.queue.keys, queue_before)
+
+    other = MoCoModule(
+        backbone=SmallResNet(1, widths=(8, 8), blocks=(1, 1)),
+        head=functools.partial(ProjectionHead, out_dim=8),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+    )
+    with pytest.raises(ConfigError, match="does not fit this model"):
+        load_initial_weights(other, str(tmp_path / "source.ckpt"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_initial_weights(other, str(tmp_path / "missing.ckpt"))
