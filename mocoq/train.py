@@ -167,9 +167,12 @@ def _resolve_ckpt_path(ckpt_path: str | None, run_dir: Path) -> str | None:
     if not ckpt_path:
         return None
     if ckpt_path == "last":
+        # The newest of the periodic last.ckpt and the checkpoints Lightning writes on SLURM's
+        # requeue signal (hpc_ckpt_<N>.ckpt in the run directory, its default_root_dir).
         last = run_dir / "checkpoints" / "last.ckpt"
-        if last.is_file():
-            return str(last)
+        saved = [p for p in (last, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+        if saved:
+            return str(max(saved, key=lambda p: p.stat().st_mtime))
         log.warning("ckpt_path=last: no %s yet, starting a fresh run", last)
         return None
     path = Path(ckpt_path).expanduser()

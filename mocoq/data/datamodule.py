@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,17 @@ from mocoq.distributed import world_size
 ImageDataset = Dataset[tuple[Tensor, int]]
 Loader = Callable[..., ImageDataset]
 AugmentFactory = Callable[..., Callable[[Tensor], Any]]
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """Data-loading workers ignore SIGUSR1, SIGUSR2 and SIGTERM.
+
+    SLURM signals every process of a job before its time limit; the training process handles
+    the signal (checkpoint, requeue). A worker killed by it would fail the run first.
+    """
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 class TransformedDataset(Dataset[tuple[Any, int]]):
@@ -149,6 +161,7 @@ class MoCoDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=train and self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_job_signals,
         )
 
     def train_dataloader(self) -> DataLoader[Any]:
@@ -175,6 +188,7 @@ class MoCoDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_job_signals,
         )
         loader.position = self.train_position
         return loader
