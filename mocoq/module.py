@@ -178,7 +178,8 @@ class MoCoModule(pl.LightningModule):
         """
         if shuffle_seed is None:
             return F.normalize(self.key_head(self.key_backbone(images)), dim=1)
-        generator = torch.Generator().manual_seed(shuffle_seed)
+        # Drawn on the images' device: no host-device copy (and no sync) in the step.
+        generator = torch.Generator(device=images.device).manual_seed(shuffle_seed)
         shuffled, unshuffle = batch_shuffle(images, generator)
         keys = F.normalize(self.key_head(self.key_backbone(shuffled)), dim=1)
         return batch_unshuffle(keys, unshuffle)

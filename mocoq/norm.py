@@ -40,13 +40,15 @@ def resolve_key_bn(mode: str, world_size: int) -> str:
 def batch_shuffle(images: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Shuffle a batch across all ranks.
 
-    Every rank passes its local batch (N, ...) and the same ``generator`` state (the permutation
-    is drawn on the CPU from it, so no broadcast is needed). Returns this rank's share of the
-    shuffled global batch (N, ...) and the index (W * N,) that :func:`batch_unshuffle` needs.
-    At world size 1 the batch is permuted locally.
+    Every rank passes its local batch (N, ...) and a ``generator`` in the same state, on the
+    batch's device (the permutation is drawn from it on every rank, so no broadcast is needed).
+    Returns this rank's share of the shuffled global batch (N, ...) and the index (W * N,) that
+    :func:`batch_unshuffle` needs. At world size 1 the batch is permuted locally.
     """
     gathered = concat_all_gather(images)  # (W * N, ...)
-    permutation = torch.randperm(gathered.shape[0], generator=generator).to(images.device)
+    permutation = torch.randperm(
+        gathered.shape[0], generator=generator, device=generator.device
+    ).to(images.device)
     local = permutation.view(-1, images.shape[0])[rank()]  # (N,)
     return gathered[local], torch.argsort(permutation)
 

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 from mocoq.data.datamodule import MoCoDataModule
@@ -196,3 +197,17 @@ def test_sampler_order_position_and_seed_checks() -> None:
     assert len(bigger) == (2 + 1) * 16
     with pytest.raises(ValueError, match="resume with seed=3"):
         ResumableSampler(40, 8, seed=4).load_state_dict(sampler.state_dict())
+
+
+def test_lightnings_sampler_replacement_is_refused_under_ddp() -> None:
+    datamodule = make_datamodule()
+    # Built, not launched: world size 2 as a DDP rank would see it.
+    datamodule.trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=True, logger=False
+    )
+    with pytest.raises(ValueError, match=r"trainer\.use_distributed_sampler must be false"):
+        datamodule.train_dataloader()
+    datamodule.trainer = pl.Trainer(
+        accelerator="cpu", devices=2, strategy="ddp", use_distributed_sampler=False, logger=False
+    )
+    assert isinstance(datamodule.train_dataloader().sampler, ResumableSampler)

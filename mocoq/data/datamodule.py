@@ -152,18 +152,6 @@ class MoCoDataModule(pl.LightningDataModule):
                 "images: lower dataset.batch_size"
             )
 
-    def _loader(self, dataset: Dataset[Any], batch_size: int, train: bool) -> DataLoader[Any]:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=train and self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_job_signals,
-        )
-
     def train_dataloader(self) -> DataLoader[Any]:
         """Two augmented views per image: batches ``((view_a, view_b), targets)``.
 
@@ -238,8 +226,13 @@ class MoCoDataModule(pl.LightningDataModule):
 
     def clean_dataloader(self, split: str) -> DataLoader[Any]:
         """Un-augmented images of ``split``: batches ``(images (N, C, S, S), targets (N,))``."""
-        dataset = TransformedDataset(self.split(split), self.eval_transform)
-        return self._loader(dataset, self.eval_batch_size, train=False)
+        return DataLoader(
+            TransformedDataset(self.split(split), self.eval_transform),
+            batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=ignore_job_signals,
+        )
 
     def knn_bank_dataloader(self) -> DataLoader[Any] | None:
         return None if self.bank_split is None else self.clean_dataloader(self.bank_split)
