@@ -52,6 +52,7 @@ def test_ddp_run_keeps_one_queue_and_resumes_across_device_counts(tmp_path: Path
     before = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert before["global_step"] == 3 and int(before["state_dict"]["queue.ptr"]) == 48
 
+    events_before = set((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     # Resumed on 2 processes (global batch 32): the 80 images left in the epoch make 2 steps.
     resumed = train(run_dir, *DDP, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr
@@ -69,8 +70,11 @@ def test_ddp_run_keeps_one_queue_and_resumes_across_device_counts(tmp_path: Path
     lr_before = before["optimizer_states"][0]["param_groups"][0]["initial_lr"]
     assert ranks[0]["lr"] == pytest.approx(2 * lr_before)
     # Rank 0 alone writes the logs and the checkpoints.
-    events = list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
-    assert events and all("rank" not in e.name for e in events)
+    new_events = set((run_dir / "tensorboard").rglob("events.out.tfevents.*")) - events_before
+    writers = {
+        e.name.split(".")[-2] for e in new_events
+    }  # events.out.tfevents.<t>.<host>.<pid>.<n>
+    assert new_events and len(writers) == 1, new_events  # one writing process of the two
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     final = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["global_step"] == 5
