@@ -291,10 +291,11 @@ def resume_arguments(arguments: list[str]) -> list[str]:
         return arguments
     run_dir = Path(chosen[-1].split("=", 1)[1]).expanduser()
     saved_overrides = run_dir / ".hydra" / "overrides.yaml"
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    checkpoints = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    if not any(path.is_file() for path in checkpoints):
         raise ConfigError(
-            f"resume={run_dir}: no checkpoints/last.ckpt there; give the directory of a run "
-            "(the 'Run directory' its report printed)"
+            f"resume={run_dir}: no checkpoints/last.ckpt (or hpc_ckpt_<N>.ckpt) there; give the "
+            "directory of a run (the 'Run directory' its report printed)"
         )
     if not saved_overrides.is_file():
         raise ConfigError(
