@@ -90,19 +90,15 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     if "lr" in cfg.optim:
         global_batch = datamodule.batch_size * trainer.world_size * trainer.accumulate_grad_batches
         scaling = cfg.get("lr_scaling") or {}
-        lr = scaled_lr(
-            float(cfg.optim.lr),
-            global_batch,
-            int(scaling.get("reference_batch_size", global_batch)),
-            str(scaling.get("rule", "none")),
-        )
-        optimizer_overrides["lr"] = lr
+        reference = int(scaling.get("reference_batch_size", global_batch))
+        rule = str(scaling.get("rule", "none"))
+        optimizer_overrides["lr"] = scaled_lr(float(cfg.optim.lr), global_batch, reference, rule)
         log.info(
             "learning rate %.4g: optim.lr=%.4g for %d images, %s-scaled to the global batch of %d",
-            lr,
+            optimizer_overrides["lr"],
             cfg.optim.lr,
-            int(scaling.get("reference_batch_size", global_batch)),
-            scaling.get("rule", "none"),
+            reference,
+            rule,
             global_batch,
         )
     model: MoCoModule = instantiate(cfg.model, _partial_=True)(
@@ -194,12 +190,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(config)  # type: ignore[arg-type]
     ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
     if cfg.get("init_weights"):
-        if ckpt_path is not None:
-            raise ConfigError(
-                "init_weights starts a new run from old weights and ckpt_path resumes one: "
-                "give only one of them"
-            )
-        load_initial_weights(model, str(cfg.init_weights))
+        if ckpt_path is None:
+            load_initial_weights(model, str(cfg.init_weights))
+        else:  # e.g. a requeued job: the checkpoint continues the run init_weights started
+            log.info("resuming %s: init_weights is not applied again", ckpt_path)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
 
     monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]

@@ -132,6 +132,17 @@ def test_another_queue_size_is_refused_and_init_weights_starts_afresh(tmp_path: 
     assert "encoder weights initialised from" in started.stderr + started.stdout
     state = torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=False)
     assert state["state_dict"]["queue.keys"].shape == (128, 16) and state["global_step"] == 8
+    # Requeued with the same command (+ ckpt_path=last): it resumes, init_weights is not reapplied.
+    again = train(
+        fresh,
+        f"init_weights={checkpoint}",
+        "model.queue_size=128",
+        "ckpt_path=last",
+        "trainer.max_epochs=3",
+    )
+    assert again.returncode == 0, again.stderr
+    assert "init_weights is not applied again" in again.stderr + again.stdout
+    assert torch.load(fresh / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
 
 
 def test_init_weights_loads_encoders_but_not_the_queue(tmp_path: Path) -> None:
