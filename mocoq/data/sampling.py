@@ -95,9 +95,8 @@ class ResumableSampler(Sampler[tuple[int, int]]):
         remaining = order[self.consumed :]
         step, offset = self._global_batch(), rank() * self.batch_size
         for start in range(0, len(remaining) - step + 1, step):
-            block = remaining[start + offset : start + offset + self.batch_size]
-            for index in block.tolist():
-                yield index, int(seeds[index])
+            block = remaining[start + offset : start + offset + self.batch_size]  # (B,)
+            yield from zip(block.tolist(), seeds[block].tolist(), strict=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {
