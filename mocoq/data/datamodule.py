@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from mocoq.data.batched import BatchedMoCoAugmentation
 from mocoq.data.sampling import ResumableLoader, ResumableSampler
-from mocoq.data.transforms import EvalTransform
+from mocoq.data.transforms import EvalTransform, MoCoAugmentation
 from mocoq.distributed import world_size
 
 ImageDataset = Dataset[tuple[Tensor, int]]
 Loader = Callable[..., ImageDataset]
 AugmentFactory = Callable[..., Callable[[Tensor], Any]]
+
+log = logging.getLogger(__name__)
 
 
 def ignore_job_signals(worker_id: int) -> None:
@@ -61,11 +65,68 @@ class TransformedDataset(Dataset[tuple[Any, int]]):
         return self.transform(image), target
 
 
+class ImageBatch(NamedTuple):
+    """A training batch of raw images, augmented on the device by the data module.
+
+    Attributes:
+        images: uint8 (N, C, H, W).
+        targets: int64 (N,).
+        seed: the seed of the batch's augmentation (the first item's seed from the sampler).
+    """
+
+    images: Tensor
+    targets: Tensor
+    seed: int
+
+
+class InMemoryBatches(Dataset[tuple[Tensor, int]]):
+    """Serves whole batches of an in-memory split by indexing its uint8 tensor.
+
+    The DataLoader hands ``__getitems__`` a batch of :class:`ResumableSampler` keys
+    ``(index, seed)`` and, with :func:`keep_batch` as ``collate_fn``, yields its
+    :class:`ImageBatch` as it is.
+
+    Args:
+        images: uint8 (N, C, H, W).
+        targets: int64 (N,).
+    """
+
+    def __init__(self, images: Tensor, targets: Tensor) -> None:
+        self.images = images
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        return self.images[key[0]], int(self.targets[key[0]])
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> ImageBatch:
+        indices = torch.tensor([index for index, _ in keys])  # (N,)
+        return ImageBatch(self.images[indices], self.targets[indices], keys[0][1])
+
+
+def keep_batch(batch: Any) -> Any:
+    """The collate function of :class:`InMemoryBatches`: the batch is already whole."""
+    return batch
+
+
+def in_memory_images(dataset: ImageDataset) -> tuple[Tensor, Tensor] | None:
+    """``(images uint8 (N, C, H, W), targets (N,))`` of a split held in memory, else None."""
+    images, targets = getattr(dataset, "images", None), getattr(dataset, "targets", None)
+    if not isinstance(images, Tensor) or not isinstance(targets, Tensor):
+        return None
+    if images.dtype != torch.uint8 or images.dim() != 4 or targets.shape != images.shape[:1]:
+        return None
+    return images, targets
+
+
 class MoCoDataModule(pl.LightningDataModule):
     """Loads one dataset's splits and serves MoCo's loaders.
 
     * ``train_dataloader``: batches ``((view_a, view_b), targets)``, each view (N, C, S, S),
-      shuffled, ``drop_last`` so every step has the same batch size.
+      shuffled, ``drop_last`` so every step has the same batch size (with ``augment_on_device``,
+      the views are made on the device, after the batch is moved there).
     * ``knn_bank_dataloader`` / ``knn_val_dataloader``: clean (un-augmented) images (N, C, S, S)
       and targets from ``bank_split`` and ``val_split`` for the kNN monitor.
 
@@ -82,6 +143,10 @@ class MoCoDataModule(pl.LightningDataModule):
         eval_batch_size: images per batch for the clean loaders.
         eval_resize: shorter side before the centre crop of clean images (None: see EvalTransform).
         seed: seed of the training order and of every image's augmentation (the run's seed).
+        augment_on_device: augment whole training batches on the training device
+            (:class:`BatchedMoCoAugmentation`) when the split is in memory (a uint8 ``images``
+            tensor, as :class:`mocoq.data.datasets.ArrayImageDataset` has) and ``augment`` is a
+            :class:`MoCoAugmentation`; else (or False) each image is augmented in the workers.
     """
 
     def __init__(
@@ -101,6 +166,7 @@ class MoCoDataModule(pl.LightningDataModule):
         eval_batch_size: int = 512,
         eval_resize: int | None = None,
         seed: int = 0,
+        augment_on_device: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -125,6 +191,8 @@ class MoCoDataModule(pl.LightningDataModule):
         self.augment = augment(image_size=image_size, mean=list(mean), std=list(std))
         self.eval_transform = EvalTransform(image_size, list(mean), list(std), eval_resize)
         self.seed = seed
+        self.augment_on_device = augment_on_device
+        self.batched_augment: BatchedMoCoAugmentation | None = None
         self._splits: dict[str, ImageDataset] = {}
         self._train_sampler: ResumableSampler | None = None
         self._resume_position: dict[str, Any] | None = None
@@ -155,13 +223,24 @@ class MoCoDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader[Any]:
         """Two augmented views per image: batches ``((view_a, view_b), targets)``.
 
+        With ``augment_on_device`` (and an in-memory split) the loader yields batches of raw
+        images (:class:`ImageBatch`) instead, from this process, and
+        :meth:`on_after_batch_transfer` makes the views on the training device.
+
         The order and the augmentations are drawn from ``seed`` and the epoch, and the loader
         resumes mid-epoch from a checkpoint (see :mod:`mocoq.data.sampling`). Under DDP it gives
         each rank its share of every global batch itself.
         """
         self._check_sampler_not_replaced()
-        dataset = TransformedDataset(self.split(self.train_split), self.augment)
-        sampler = ResumableSampler(len(dataset), self.batch_size, self.seed)
+        base = self.split(self.train_split)
+        arrays = self._arrays_to_augment_on_device(base)
+        dataset: Dataset[Any]
+        if arrays is not None:  # batches of raw images, augmented in on_after_batch_transfer
+            dataset, num_workers, collate = InMemoryBatches(*arrays), 0, keep_batch
+        else:
+            dataset, num_workers = TransformedDataset(base, self.augment), self.num_workers
+            collate = None
+        sampler = ResumableSampler(len(base), self.batch_size, self.seed)  # type: ignore[arg-type]
         if self._resume_position is not None:  # restored from a checkpoint
             sampler.load_state_dict(self._resume_position)
             self._resume_position = None
@@ -173,13 +252,39 @@ class MoCoDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             sampler=sampler,
             drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=num_workers,
+            persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=ignore_job_signals,
+            collate_fn=collate,
         )
         loader.position = self.train_position
         return loader
+
+    def _arrays_to_augment_on_device(self, base: ImageDataset) -> tuple[Tensor, Tensor] | None:
+        """The split's ``(images, targets)`` tensors when its batches are augmented on the
+        device (and ``batched_augment`` set for them), else None; logs which path is taken."""
+        self.batched_augment = None
+        if not self.augment_on_device:
+            return None
+        arrays, reason = in_memory_images(base), ""
+        if arrays is None:
+            reason = "the training split is not one in-memory uint8 tensor"
+        elif not isinstance(self.augment, MoCoAugmentation):
+            reason = f"{type(self.augment).__name__} has no batched version"
+        else:
+            try:
+                self.batched_augment = BatchedMoCoAugmentation.from_transform(self.augment)
+            except ValueError as error:
+                reason = str(error)
+        if reason:
+            log.info("augment_on_device: augmenting each image in the workers instead (%s)", reason)
+            return None
+        log.info(
+            "augment_on_device: training batches are augmented on the training device "
+            "(dataset.num_workers applies to the kNN loaders only)"
+        )
+        return arrays
 
     def train_position(self) -> dict[str, Any]:
         """Where the next training sample comes from: ``{"epoch", "consumed", "batches", "seed"}``.
@@ -220,8 +325,21 @@ class MoCoDataModule(pl.LightningDataModule):
         """Count the samples the trainer takes, so that a checkpoint knows where the epoch is."""
         trainer = self.trainer
         if trainer is not None and trainer.training and self._train_sampler is not None:
-            _, targets = batch
+            targets = batch.targets if isinstance(batch, ImageBatch) else batch[1]
             self._train_sampler.advance(len(targets) * world_size())
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment a batch of raw training images on the device they were moved to.
+
+        :class:`ImageBatch` (uint8 images (N, C, H, W), targets (N,), seed) becomes
+        ``((view_a, view_b), targets)`` with views (N, C, S, S), drawn from a generator seeded
+        with the batch's seed (a function of the run seed, the epoch and the batch's place in
+        it), so a resumed run draws the same views. Other batches pass through.
+        """
+        if isinstance(batch, ImageBatch) and self.batched_augment is not None:
+            generator = torch.Generator(device=batch.images.device).manual_seed(batch.seed)
+            return self.batched_augment(batch.images, generator), batch.targets
         return batch
 
     def clean_dataloader(self, split: str) -> DataLoader[Any]:
