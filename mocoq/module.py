@@ -62,6 +62,11 @@ class MoCoModule(pl.LightningModule):
             under DDP, ``split`` on one device. Resolved in :meth:`setup`, once the number of
             ranks is known; ``split`` is applied at construction.
         bn_splits: number of groups for ``key_bn=split``.
+        channels_last: keep both backbones' weights, and the images given to them, in the
+            channels-last (NHWC) layout: faster convolutions on GPUs with tensor cores, slower
+            for the small CPU ResNet (see conf/trainer/gpu.yaml). Applied in :meth:`setup`.
+        compile: ``torch.compile`` the forward of both backbones in :meth:`setup` (in place,
+            so parameter names and checkpoints are the same as without it).
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class MoCoModule(pl.LightningModule):
         symmetric: bool = False,
         key_bn: str = "auto",
         bn_splits: int = 8,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -109,6 +116,9 @@ class MoCoModule(pl.LightningModule):
         self.bn_splits = bn_splits
         # The mode in force; ``auto`` becomes ``shuffle`` or ``split`` in setup().
         self.key_bn_mode = key_bn if key_bn != "auto" else "split"
+        self.channels_last = channels_last
+        self.compile_backbones = compile
+        self._compiled = False
         self._configured_lrs: list[float] = []  # set by configure_optimizers
 
     def setup(self, stage: str) -> None:
@@ -120,10 +130,23 @@ class MoCoModule(pl.LightningModule):
         """
         if self._trainer is None:
             self.configure_key_bn(world_size(), on_gpu=self.device.type != "cpu")
-            return
-        # The module is moved to its device after this hook: ask the strategy where it goes.
-        device = self.trainer.strategy.root_device
-        self.configure_key_bn(self.trainer.world_size, on_gpu=device.type != "cpu")
+        else:
+            # The module is moved to its device after this hook: ask the strategy where it goes.
+            device = self.trainer.strategy.root_device
+            self.configure_key_bn(self.trainer.world_size, on_gpu=device.type != "cpu")
+        self.configure_speed()
+
+    def configure_speed(self) -> None:
+        """Apply ``channels_last`` and ``compile`` to both backbones (after the BatchNorm
+        conversions, which may replace modules). Idempotent; changes no parameter name, value
+        or shape, so checkpoints load across these options either way."""
+        if self.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.key_backbone.to(memory_format=torch.channels_last)
+        if self.compile_backbones and not self._compiled:
+            self.backbone.compile()  # compiles the module's call in place: same names, same keys
+            self.key_backbone.compile()
+            self._compiled = True
 
     def configure_key_bn(self, ranks: int, on_gpu: bool = True) -> str:
         """Apply ``key_bn`` for ``ranks`` ranks; returns the mode in force."""
@@ -161,13 +184,19 @@ class MoCoModule(pl.LightningModule):
             return int(self.head(torch.zeros(2, self.feature_dim)).shape[1])
 
     # --- pure computations ---------------------------------------------------------------
+    def _layout(self, images: Tensor) -> Tensor:
+        """Images (N, C, H, W) in the backbones' memory layout (no copy when already in it)."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def forward(self, images: Tensor) -> Tensor:
         """Backbone features (N, F) of images (N, C, H, W): what downstream tasks use."""
-        return self.backbone(images)
+        return self.backbone(self._layout(images))
 
     def project(self, images: Tensor) -> Tensor:
         """L2-normalised query projections (N, D)."""
-        return F.normalize(self.head(self.backbone(images)), dim=1)
+        return F.normalize(self.head(self.backbone(self._layout(images))), dim=1)
 
     @torch.no_grad()
     def project_keys(self, images: Tensor, shuffle_seed: int | None = None) -> Tensor:
@@ -177,11 +206,11 @@ class MoCoModule(pl.LightningModule):
         seed for the forward pass and the keys are returned in the input's order.
         """
         if shuffle_seed is None:
-            return F.normalize(self.key_head(self.key_backbone(images)), dim=1)
+            return F.normalize(self.key_head(self.key_backbone(self._layout(images))), dim=1)
         # Drawn on the images' device: no host-device copy (and no sync) in the step.
         generator = torch.Generator(device=images.device).manual_seed(shuffle_seed)
         shuffled, unshuffle = batch_shuffle(images, generator)
-        keys = F.normalize(self.key_head(self.key_backbone(shuffled)), dim=1)
+        keys = F.normalize(self.key_head(self.key_backbone(self._layout(shuffled))), dim=1)
         return batch_unshuffle(keys, unshuffle)
 
     def _shuffle_seed(self, half: int) -> int | None:
