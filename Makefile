@@ -10,7 +10,7 @@ ARGS       ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train test lint tb clean
+.PHONY: help setup data train test lint tb bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -42,6 +42,12 @@ lint: setup ## ruff (lint + format check) and mypy
 
 tb: setup ## Open TensorBoard on every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
+
+# lightly is installed for the comparison only, never as a mocoq dependency; the torch pins on
+# the same command keep pip from replacing the installed torch. docs/benchmarks.md has the numbers.
+bench: setup data ## Speed benchmarks vs a supervised step and lightly (installs lightly; ARGS=...)
+	$(BIN)/python -m pip install --quiet lightly $(TORCH_SPEC)
+	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
