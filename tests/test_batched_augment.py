@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_data import make_datamodule as make_data_module
 from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from mocoq.data.batched import AugmentParams, BatchedMoCoAugmentation
 from mocoq.data.datamodule import ImageBatch, MoCoDataModule
-from mocoq.data.datasets import synthetic
 from mocoq.data.transforms import MoCoAugmentation
 
 NO_COLOR: dict[str, Any] = {
@@ -252,18 +252,10 @@ def test_from_transform_reads_the_per_image_recipe() -> None:
 
 
 def make_datamodule(**kwargs: object) -> MoCoDataModule:
-    options: dict[str, object] = {
-        "loader": lambda root, split: synthetic(root, split, num_samples=40, image_size=12),
-        "augment": MoCoAugmentation,
-        "image_size": 12,
-        "channels": 3,
-        "batch_size": 16,
-        "num_workers": 0,
-        "augment_on_device": True,
-        "seed": 5,
-    }
+    """test_data's small synthetic data module, with batches augmented after transfer."""
+    options: dict[str, object] = {"augment_on_device": True, "seed": 5}
     options.update(kwargs)
-    return MoCoDataModule(**options)  # type: ignore[arg-type]
+    return make_data_module(**options)
 
 
 def test_datamodule_serves_raw_batches_and_augments_them_after_transfer() -> None:
