@@ -32,6 +32,33 @@ HeadFactory = Callable[[int], nn.Module]
 Batch = tuple[tuple[Tensor, Tensor] | list[Tensor], Tensor]
 
 
+_COMPILE_CHECKS: dict[str, bool] = {}
+
+
+def compiled_gradients_agree(device: torch.device) -> bool:
+    """Whether ``nn.Module.compile`` gives the eager gradients on ``device`` for a strided 1x1
+    convolution followed by BatchNorm (ResNet downsampling). torch 2.14's inductor gets that
+    convolution's weight gradient wrong on some x86 CPUs (seen on AVX2-only AMD EPYC), which
+    would silently train a different model. Checked once per device type and process (a few
+    seconds of compilation, next to the minutes compiling the backbones takes)."""
+    import copy
+
+    if device.type not in _COMPILE_CHECKS:
+        generator = torch.Generator().manual_seed(0)
+        eager = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
+        eager = eager.to(device)
+        compiled = copy.deepcopy(eager)
+        compiled.compile()
+        images = torch.randn(8, 4, 12, 12, generator=generator).to(device)  # (N, C, H, W)
+        eager(images).pow(2).sum().backward()
+        compiled(images).pow(2).sum().backward()
+        _COMPILE_CHECKS[device.type] = all(
+            a.grad is not None and b.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-4)
+            for a, b in zip(eager.parameters(), compiled.parameters(), strict=True)
+        )
+    return _COMPILE_CHECKS[device.type]
+
+
 class MoCoModule(pl.LightningModule):
     """Momentum Contrast: a query encoder, its EMA key encoder and a queue of negative keys.
 
@@ -57,14 +84,16 @@ class MoCoModule(pl.LightningModule):
         symmetric: use the symmetrised loss (MoCo v2+ / the CIFAR-10 demo's symmetric variant).
         key_bn: how BatchNorm is kept from leaking the positive (see :mod:`mocoq.norm`):
             ``shuffle`` (the key batch is shuffled across ranks), ``split`` (``bn_splits`` groups
-            of the batch are normalised apart in both encoders: the one-device stand-in),
+            of the batch are normalised apart in both encoders and the key batch is shuffled
+            first, as the reference CIFAR-10 demo does: the one-device stand-in),
             ``sync`` (SyncBatchNorm, GPUs only), ``none``, or ``auto`` (default): ``shuffle``
             under DDP, ``split`` on one device. Resolved in :meth:`setup`, once the number of
             ranks is known; ``split`` is applied at construction.
         bn_splits: number of groups for ``key_bn=split``.
         channels_last: keep both backbones' weights, and the images given to them, in the
-            channels-last (NHWC) layout: faster convolutions on GPUs with tensor cores, slower
-            for the small CPU ResNet (see conf/trainer/gpu.yaml). Applied in :meth:`setup`.
+            channels-last (NHWC) layout: faster convolutions on GPUs with tensor cores and on
+            the CPU (1.3x for the small ResNet's fp32 step; docs/benchmarks.md). On in
+            ``conf/train.yaml``. Applied in :meth:`setup`.
         compile: ``torch.compile`` the forward of both backbones in :meth:`setup` (in place,
             so parameter names and checkpoints are the same as without it).
     """
@@ -144,6 +173,15 @@ class MoCoModule(pl.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)
             self.key_backbone.to(memory_format=torch.channels_last)
         if self.compile_backbones and not self._compiled:
+            device = next(self.backbone.parameters()).device
+            if not compiled_gradients_agree(device):
+                rank_zero_warn(
+                    "model.compile=true: torch.compile computes wrong gradients on this machine "
+                    f"({device.type}; checked on a strided 1x1 convolution with BatchNorm, as in "
+                    "ResNet downsampling), so the backbones run uncompiled"
+                )
+                self.compile_backbones = False
+                return
             self.backbone.compile()  # compiles the module's call in place: same names, same keys
             self.key_backbone.compile()
             self._compiled = True
@@ -202,8 +240,10 @@ class MoCoModule(pl.LightningModule):
     def project_keys(self, images: Tensor, shuffle_seed: int | None = None) -> Tensor:
         """L2-normalised key projections (N, D) from the EMA encoder, without gradient.
 
-        With ``shuffle_seed`` (``key_bn=shuffle``) the batch is shuffled across ranks with that
-        seed for the forward pass and the keys are returned in the input's order.
+        With ``shuffle_seed`` (``key_bn=shuffle`` or ``split``) the batch is shuffled (across
+        ranks, under DDP) with that seed for the forward pass and the keys are returned in the
+        input's order: a key's BatchNorm statistics then come from other samples than those
+        that normalised its query.
         """
         if shuffle_seed is None:
             return F.normalize(self.key_head(self.key_backbone(self._layout(images))), dim=1)
@@ -214,8 +254,11 @@ class MoCoModule(pl.LightningModule):
         return batch_unshuffle(keys, unshuffle)
 
     def _shuffle_seed(self, half: int) -> int | None:
-        """Same on every rank and a pure function of the step, so a resumed run shuffles alike."""
-        if self.key_bn_mode != "shuffle":
+        """Same on every rank and a pure function of the step, so a resumed run shuffles alike.
+
+        ``split`` shuffles too: without it key i and query i are normalised with the same group
+        of samples, and the positive is told apart by its batch statistics."""
+        if self.key_bn_mode not in ("shuffle", "split"):
             return None
         return 2 * self.global_step + half
 

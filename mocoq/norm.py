@@ -6,8 +6,10 @@ the batch statistics, and the model learns that shortcut instead of the images. 
 * ``shuffle``: the MoCo paper's answer under DDP. The key batch is shuffled across ranks before
   the key forward and put back in order after (:func:`batch_shuffle`, :func:`batch_unshuffle`),
   so a key's BatchNorm statistics come from other samples than its query's.
-* ``split``: on one device, normalise N groups of the batch on their own
-  (:class:`SplitBatchNorm2d`, as the official CIFAR-10 demo does), which emulates N devices.
+* ``split``: on one device, normalise N groups of the batch on their own in both encoders
+  (:class:`SplitBatchNorm2d`) and shuffle the key batch before the key forward, as the official
+  CIFAR-10 demo does: this emulates ``shuffle`` on N devices. Without the shuffle, key i and
+  query i would be normalised with the same group of samples and the leak would remain.
 * ``sync``: ``nn.SyncBatchNorm`` in both encoders (statistics over the global batch).
 * ``none``: leave BatchNorm alone (for backbones without BatchNorm, or to study the leak).
 * ``auto`` (default): ``shuffle`` when there is more than one rank, else ``split``.
@@ -19,7 +21,6 @@ backbone, not only ResNets.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mocoq.distributed import concat_all_gather, rank
@@ -69,11 +70,15 @@ def convert_to_sync_batchnorm(module: nn.Module) -> nn.Module:
 class SplitBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d that, in training, normalises ``num_splits`` groups of the batch apart.
 
-    Group g holds the interleaved samples g, g + G, g + 2G, ... (a free reshape); batches are
-    shuffled, so any fixed partition emulates G devices equally well.
+    Group g holds the contiguous samples g * N/G ... (g + 1) * N/G - 1. The key batch is shuffled
+    before the key forward (``key_bn=split`` does this, as the reference CIFAR-10 demo does), so
+    a fixed partition emulates G devices. Each group goes through the native BatchNorm kernel on
+    a slice of the batch, which is a view in either memory layout: no copy of the input, where a
+    reshape of the groups into channels copies a channels-last batch.
 
     Parameters and buffers are those of ``nn.BatchNorm2d`` (state dicts are interchangeable); the
-    running statistics are the mean over the groups. Evaluation is plain BatchNorm.
+    running statistics are the mean over the groups of what each group's BatchNorm would keep.
+    Evaluation is plain BatchNorm.
     """
 
     def __init__(self, num_features: int, num_splits: int, **kwargs: object) -> None:
@@ -86,36 +91,44 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
         """Normalise input (N, C, H, W); in training N must be a multiple of ``num_splits``."""
         if not self.training or self.num_splits == 1:
             return super().forward(input)
-        batch, channels, height, width = input.shape
         groups = self.num_splits
-        if batch % groups:
+        if input.shape[0] % groups:
             raise ValueError(
-                f"split BatchNorm needs a batch divisible by {groups} groups, got {batch}: "
-                "change model.bn_splits or the batch size"
+                f"split BatchNorm needs a batch divisible by {groups} groups, got "
+                f"{input.shape[0]}: change model.bn_splits or the batch size"
             )
+        tracked = self.track_running_stats and self.running_mean is not None
+        outputs, means, invstds = [], [], []
+        for chunk in input.chunk(groups):  # (N / G, C, H, W) each, a view in either layout
+            # Batch statistics only: the running ones are updated below from the saved
+            # statistics, not through in-place writes into views (which torch.compile's
+            # inductor gets wrong in the backward pass).
+            out, mean, invstd = torch.native_batch_norm(
+                chunk, self.weight, self.bias, None, None, True, 0.0, self.eps
+            )
+            outputs.append(out)
+            means.append(mean)
+            invstds.append(invstd)
+        if tracked:
+            self._update_running_stats(
+                torch.stack(means), torch.stack(invstds), input.numel() // groups // input.shape[1]
+            )
+        return torch.cat(outputs)  # (N, C, H, W), in the input's memory layout
+
+    @torch.no_grad()
+    def _update_running_stats(self, means: Tensor, invstds: Tensor, count: int) -> None:
+        """Fold the groups' batch statistics (G, C) into the running ones, as G BatchNorms
+        would (unbiased variance, momentum or the cumulative average), then average them."""
         assert self.running_mean is not None and self.running_var is not None
-        running_mean = self.running_mean.repeat(groups)  # (G * C,)
-        running_var = self.running_var.repeat(groups)  # (G * C,)
-        weight = self.weight.repeat(groups) if self.weight is not None else None
-        bias = self.bias.repeat(groups) if self.bias is not None else None
-        # (N, C, H, W) -> (N / G, G * C, H, W): group g's samples become channels g*C..(g+1)*C.
-        grouped = input.reshape(batch // groups, groups * channels, height, width)
-        out = F.batch_norm(
-            grouped,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            True,
-            self.momentum if self.momentum is not None else 0.1,
-            self.eps,
-        )
-        with torch.no_grad():
-            self.running_mean.copy_(running_mean.view(groups, channels).mean(dim=0))
-            self.running_var.copy_(running_var.view(groups, channels).mean(dim=0))
-            if self.num_batches_tracked is not None:
-                self.num_batches_tracked.add_(1)
-        return out.reshape(batch, channels, height, width)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        if momentum is None:  # cumulative moving average, as nn.BatchNorm2d keeps it
+            assert self.num_batches_tracked is not None
+            momentum = 1.0 / float(self.num_batches_tracked)
+        variances = (invstds.float().pow(-2) - self.eps) * (count / max(count - 1, 1))  # (G, C)
+        self.running_mean.lerp_(means.float().mean(dim=0).to(self.running_mean.dtype), momentum)
+        self.running_var.lerp_(variances.mean(dim=0).to(self.running_var.dtype), momentum)
 
 
 def convert_to_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:

@@ -200,6 +200,25 @@ def test_key_bn_modes_resolve_and_keep_the_key_encoder_frozen(key_bn: str, ranks
     assert not any(n.startswith(("key_backbone.", "key_head.")) for n in trainable)
 
 
+def test_split_bn_shuffles_the_key_batch_and_returns_keys_in_order() -> None:
+    """Under ``split`` the key encoder sees the batch shuffled, so key i is normalised with a
+    different group of samples than query i; the keys come back in the input's order."""
+    module = tiny_module(key_bn="split", bn_splits=2)
+    assert module.configure_key_bn(1, on_gpu=False) == "split"
+    seen: list[torch.Tensor] = []
+    module.key_backbone.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    images = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 12, 12).contiguous()
+    seed = module._shuffle_seed(0)
+    assert seed is not None
+    module.project_keys(images, shuffle_seed=seed)
+    order = seen[0][:, 0, 0, 0].long()  # which image the key encoder saw at each position
+    assert sorted(order.tolist()) == list(range(8))
+    assert set(order[:4].tolist()) != {0, 1, 2, 3}  # the first group is not the queries' group
+    module.eval()  # per-sample BatchNorm: the shuffled forward must give the same keys
+    assert torch.allclose(module.project_keys(images, seed), module.project_keys(images), atol=1e-6)
+    assert tiny_module(key_bn="none")._shuffle_seed(0) is None
+
+
 def test_sync_bn_on_cpu_ranks_is_refused_with_the_alternative() -> None:
     with pytest.raises(ValueError, match="key_bn=shuffle"):
         tiny_module(key_bn="sync").configure_key_bn(2, on_gpu=False)

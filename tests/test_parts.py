@@ -59,17 +59,48 @@ def test_split_batchnorm_matches_separate_batchnorms() -> None:
     for bn in reference:
         bn.load_state_dict(split.state_dict())
     x = torch.randn(8, channels, 5, 5) * 3 + 1
+    x.requires_grad_(True)
     out = split(x)
-    # Group g holds the interleaved samples g, g + G, g + 2G, ...
-    for group, bn in enumerate(reference):
-        assert torch.allclose(out[group::groups], bn(x[group::groups]), atol=1e-5)
-    mean_of_means = torch.stack([bn.running_mean for bn in reference]).mean(0)
-    assert torch.allclose(split.running_mean, mean_of_means, atol=1e-6)
+    # Group g holds the contiguous samples 2g, 2g + 1 (N / G = 2).
+    size = x.shape[0] // groups
+    x_ref = x.detach().clone().requires_grad_(True)
+    expected = torch.cat([bn(x_ref[g * size : (g + 1) * size]) for g, bn in enumerate(reference)])
+    assert torch.allclose(out, expected, atol=1e-5)
+    out.pow(2).sum().backward()
+    expected.pow(2).sum().backward()
+    assert x.grad is not None and x_ref.grad is not None
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5)
+    assert split.weight.grad is not None
+    assert torch.allclose(
+        split.weight.grad,
+        sum(bn.weight.grad for bn in reference),
+        atol=1e-4,  # type: ignore[misc]
+    )
+    for name in ("running_mean", "running_var"):
+        mean_over_groups = torch.stack([getattr(bn, name) for bn in reference]).mean(0)
+        assert torch.allclose(getattr(split, name), mean_over_groups, atol=1e-6)
+    assert int(split.num_batches_tracked) == 1
     split.eval()
     plain = nn.BatchNorm2d(channels)
     plain.load_state_dict(split.state_dict())
     plain.eval()
     assert torch.allclose(split(x), plain(x), atol=1e-6)
+
+
+def test_split_batchnorm_channels_last_matches_contiguous() -> None:
+    torch.manual_seed(0)
+    contiguous = SplitBatchNorm2d(4, 2, momentum=None)
+    channels_last = SplitBatchNorm2d(4, 2, momentum=None).to(memory_format=torch.channels_last)
+    x = torch.randn(6, 4, 3, 3)
+    for _ in range(2):  # momentum=None: the cumulative average over batches, as nn.BatchNorm2d
+        out = channels_last(x.contiguous(memory_format=torch.channels_last))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, contiguous(x), atol=1e-5)
+    assert torch.allclose(contiguous.running_var, channels_last.running_var, atol=1e-6)
+    # The same batch twice: the cumulative average is that batch's mean over the groups.
+    group_means = torch.stack([x[:3].mean(dim=(0, 2, 3)), x[3:].mean(dim=(0, 2, 3))]).mean(0)
+    assert torch.allclose(contiguous.running_mean, group_means, atol=1e-6)
+    assert int(contiguous.num_batches_tracked) == 2
 
 
 def test_split_batchnorm_needs_divisible_batch() -> None:
