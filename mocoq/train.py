@@ -206,6 +206,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     if monitor is not None:
         summary["knn_monitor_seconds"] = round(monitor.seconds, 1)
+        summary["knn_full_protocol_seconds"] = round(monitor.full_seconds, 1)
+        summary["knn_monitor_share"] = round(monitor.share, 4)
+        summary["knn_share_total"] = round(monitor.share_total, 4)
         if monitor.last is not None:
             summary["knn"] = asdict(monitor.last)
         if monitor.initial is not None:
@@ -253,6 +256,12 @@ def format_summary(summary: dict[str, Any]) -> str:
         for key, label in baselines:
             if key in summary:
                 lines.append(f"  {label:<13} : {summary[key]['top1']:.4f}")
+    if "knn_monitor_share" in summary:
+        lines.append(
+            f"kNN cost      : monitoring {100 * summary['knn_monitor_share']:.1f}% of training "
+            f"time; {summary['knn_full_protocol_seconds']:.0f} s in full-protocol evaluations "
+            f"({100 * summary['knn_share_total']:.1f}% with them)"
+        )
     return "\n".join(lines)
 
 

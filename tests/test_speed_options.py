@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
+import mocoq.module as module_lib
 from mocoq.backbones import SmallResNet
 from mocoq.callbacks import KNNMonitor
 from mocoq.callbacks.knn_monitor import stratified_subset
@@ -158,11 +159,12 @@ def test_monitor_sizes_are_validated_and_its_clock_is_checkpointed() -> None:
     with pytest.raises(ValueError, match="max_queries must be positive"):
         KNNMonitor(max_queries=-1)
     knn = KNNMonitor()
-    knn.load_state_dict({"seconds": 3.0, "train_seconds": 60.0})
-    assert knn.state_dict() == {"seconds": 3.0, "train_seconds": 60.0}
-    assert knn.share == pytest.approx(0.05)
+    knn.load_state_dict({"seconds": 3.0, "full_seconds": 1.2, "train_seconds": 60.0})
+    assert knn.state_dict() == {"seconds": 3.0, "full_seconds": 1.2, "train_seconds": 60.0}
+    assert knn.share == pytest.approx(0.03)  # the monitoring calls: 3.0 - 1.2 s
+    assert knn.share_total == pytest.approx(0.05)
     knn.load_state_dict({"seconds": 2.0})  # a checkpoint from before the training clock
-    assert knn.share == 0.0
+    assert knn.share == 0.0 and knn.share_total == 0.0
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -192,16 +194,22 @@ def test_fit_logs_the_monitor_cost_and_ends_with_the_full_protocol(
     assert logged["knn/num_queries"] == [128, 30, 30, 128]
     assert logged["knn/k"] == [20, 6, 6, 20]  # 20 x 40/128 neighbours on the bank subset
     assert len(logged["knn/seconds"]) == 4 and min(logged["knn/seconds"]) > 0
-    share = logged["knn/share"]
+    share, share_total = logged["knn/share"], logged["knn/share_total"]
     assert len(share) == 3 and all(s > 0 for s in share)
     assert summary["knn"]["bank_size"] == 128 and summary["knn"]["num_queries"] == 128
     assert summary["knn"]["top1"] == logged["knn/top1"][-1]
-    # The share is the monitor's seconds so far over the training seconds so far: the implied
-    # training clock grows from epoch to epoch, and the monitor's total is the summary's.
-    monitor_so_far = torch.tensor(logged["knn/seconds"]).cumsum(0)[1:]  # after epochs 1-3
-    training_so_far = monitor_so_far / torch.tensor(share)  # (3,)
+    # share_total is all evaluation seconds so far over the training seconds so far: the
+    # implied training clock grows from epoch to epoch, and the total is the summary's.
+    seconds = torch.tensor(logged["knn/seconds"])  # (4,): start (full), 2 subsets, end (full)
+    all_so_far = seconds.cumsum(0)[1:]  # after epochs 1-3
+    training_so_far = all_so_far / torch.tensor(share_total)  # (3,)
     assert bool((training_so_far.diff() > 0).all()), training_so_far
-    assert summary["knn_monitor_seconds"] == pytest.approx(float(monitor_so_far[-1]), abs=0.06)
+    assert summary["knn_monitor_seconds"] == pytest.approx(float(all_so_far[-1]), abs=0.06)
+    # share counts only the monitoring (subset) calls, over the same clock.
+    monitoring = torch.tensor([seconds[1], seconds[1] + seconds[2], seconds[1] + seconds[2]])
+    assert torch.allclose(torch.tensor(share) * training_so_far, monitoring, rtol=1e-3, atol=1e-3)
+    full = float(seconds[0] + seconds[3])
+    assert summary["knn_full_protocol_seconds"] == pytest.approx(full, abs=0.06)
 
 
 # ------------------------------------------------------------------- DDP: two gloo ranks
@@ -294,6 +302,7 @@ def test_channels_last_views_reach_the_backbones_in_that_layout() -> None:
 
 
 def compiled_pair(monkeypatch: pytest.MonkeyPatch, backend: str | None) -> tuple[MoCoModule, ...]:
+    monkeypatch.setattr(module_lib, "_COMPILE_CHECKS", {})  # checked with this test's backend
     if backend is not None:  # a fast backend: the same tracing, no code generation
         compile_module = nn.Module.compile
         monkeypatch.setattr(
@@ -344,9 +353,29 @@ def test_compiled_backbones_keep_their_names_and_outputs(monkeypatch: pytest.Mon
 
 @pytest.mark.slow
 def test_inductor_compiled_backbones_match_eager(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real code generator: about a minute of C++ compilation on a 2-core CPU."""
-    eager, compiled = compiled_pair(monkeypatch, backend=None)
+    """The real code generator: about a minute of C++ compilation on a 2-core CPU. Where
+    inductor's gradients are wrong on this machine, mocoq must notice and run uncompiled;
+    either way the training gradients are the eager ones."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        eager, compiled = compiled_pair(monkeypatch, backend=None)
+    refused = [w for w in caught if "torch.compile computes wrong gradients" in str(w.message)]
+    agree = module_lib.compiled_gradients_agree(torch.device("cpu"))
+    assert compiled._compiled == agree and bool(refused) == (not agree)
     check_compiled_matches_eager(eager, compiled)
+
+
+def test_compile_is_refused_where_its_gradients_are_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(module_lib._COMPILE_CHECKS, "cpu", False)  # as found on such a CPU
+    module = tiny_module(compile=True)
+    with pytest.warns(UserWarning, match="run uncompiled"):
+        module.setup("fit")
+    assert not module._compiled and not module.compile_backbones
+    assert not hasattr(module.backbone, "_compiled_call_impl") or (
+        module.backbone._compiled_call_impl is None
+    )
 
 
 # ------------------------------------------------------------------ InfoNCE under autocast

@@ -115,9 +115,12 @@ class KNNMonitor(pl.Callback):
     scores 1.2 points under the full protocol with a 5,000-image subset (k=17) instead of 7.5
     with k=200 (and 0.8 instead of 5.2 with 10,000 images).
 
-    Cost accounting: ``knn/seconds`` is the wall time of one evaluation, and ``knn/share`` the
-    monitor's total seconds over the training seconds so far (each epoch from its start hook to
-    its end hook, before the evaluation). ``seconds`` holds the monitor's total.
+    Cost accounting: ``knn/seconds`` is the wall time of one evaluation; ``knn/share`` the
+    seconds of the monitoring evaluations (those during training, on the subsets) over the
+    training seconds so far (each epoch from its start hook to its end hook, before the
+    evaluation); ``knn/share_total`` the same with the full-protocol evaluations (at the start
+    and at the end with ``full_at_end``) counted too. ``seconds`` holds the total,
+    ``full_seconds`` the full-protocol part of it.
 
     Under DDP each rank embeds only its 1/W shard of the bank and of the queries (of the subset
     or the whole): the bank is gathered whole on every rank, each rank scores its own queries
@@ -177,6 +180,7 @@ class KNNMonitor(pl.Callback):
         self.initial: KNNResult | None = None
         self.last: KNNResult | None = None
         self.seconds = 0.0  # all evaluations so far
+        self.full_seconds = 0.0  # the full-protocol ones among them (at start, at the end)
         self.train_seconds = 0.0  # all training epochs so far, evaluations excluded
         self.last_call_seconds = 0.0
         self._epoch_start: float | None = None
@@ -273,6 +277,8 @@ class KNNMonitor(pl.Callback):
         result = knn_evaluate_sharded(bank, bank_labels, queries, query_labels, k, self.temperature)
         self.last_call_seconds = time.perf_counter() - start
         self.seconds += self.last_call_seconds
+        if full and (self.bank_size is not None or self.max_queries is not None):
+            self.full_seconds += self.last_call_seconds
         return result
 
     def _metrics(self, result: KNNResult) -> dict[str, float]:
@@ -315,6 +321,7 @@ class KNNMonitor(pl.Callback):
         )
         metrics = self._metrics(result)
         metrics["knn/share"] = self.share
+        metrics["knn/share_total"] = self.share_total
         # Every rank holds the same accuracies: syncing them with max keeps them exact (a mean
         # could round) and is what Lightning asks of epoch-level metrics under DDP; for the
         # seconds it reports the slowest rank.
@@ -322,12 +329,24 @@ class KNNMonitor(pl.Callback):
 
     @property
     def share(self) -> float:
-        """Monitor seconds per training second so far (0 before any training)."""
+        """Seconds of the monitoring evaluations (all but the full-protocol ones) per training
+        second so far (0 before any training)."""
+        monitoring = self.seconds - self.full_seconds
+        return monitoring / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    @property
+    def share_total(self) -> float:
+        """All evaluation seconds, the full-protocol ones included, per training second."""
         return self.seconds / self.train_seconds if self.train_seconds > 0 else 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seconds": self.seconds, "train_seconds": self.train_seconds}
+        return {
+            "seconds": self.seconds,
+            "full_seconds": self.full_seconds,
+            "train_seconds": self.train_seconds,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seconds = float(state_dict.get("seconds", 0.0))
+        self.full_seconds = float(state_dict.get("full_seconds", 0.0))
         self.train_seconds = float(state_dict.get("train_seconds", 0.0))
