@@ -4,7 +4,10 @@ Four numbers (docs/benchmarks.md says what each means):
 
 1. step ratio: one mocoq MoCo training step / one supervised step of the same backbone (+ a
    linear classifier) on the same batch. The floor is about 1.32: the query forward and backward
-   cost what the supervised step costs, and the key forward adds about a third of it.
+   cost what the supervised step costs, and the key forward adds about a third of it. The
+   floor is also measured (the ``floor`` arm: the supervised step plus a gradient-free forward
+   of a second copy of the backbone in training mode), since the forward's share of a step
+   differs between machines.
 2. mocoq step / lightly step: lightly's MoCo written as its own example does, on an identical
    backbone, batch, queue, temperature, head, EMA momentum and precision.
 3. end to end / step only: images/s of a real Lightning ``fit`` on Fashion-MNIST (data loading,
@@ -63,6 +66,7 @@ REPO = Path(__file__).resolve().parent.parent
 # --precision name -> (Lightning precision, channels_last memory format)
 PRECISIONS = {
     "fp32": ("32-true", False),
+    "fp32+channels_last": ("32-true", True),
     "bf16": ("bf16-mixed", False),
     "bf16+channels_last": ("bf16-mixed", True),
 }
@@ -88,9 +92,13 @@ class Options:
 
 
 def resolve_precision(name: str) -> str:
-    """``auto`` is what ``mocoq-train`` uses on this CPU: bf16 where it has bf16, else fp32."""
+    """``auto`` is what ``mocoq-train`` uses on this CPU: bf16 where it has bf16, else fp32,
+    with the memory layout of the config's ``model.channels_last`` default."""
     if name == "auto":
-        return "bf16" if cpu_precision() == "bf16-mixed" else "fp32"
+        base = "bf16" if cpu_precision() == "bf16-mixed" else "fp32"
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            channels_last = bool(compose(config_name="train").model.channels_last)
+        return f"{base}+channels_last" if channels_last else base
     if name not in PRECISIONS:
         raise ValueError(f"--precision must be auto or one of {', '.join(PRECISIONS)}, got {name}")
     return name
@@ -168,8 +176,10 @@ def compose_config(run_dir: Path, overrides: Sequence[str]) -> DictConfig:
         return compose(config_name="train", overrides=[f"run_dir={run_dir}", *overrides])
 
 
-def precision_override(precision: str) -> str:
-    return f"trainer.precision={PRECISIONS[precision][0]}"
+def precision_overrides(precision: str) -> list[str]:
+    """mocoq config overrides for a ``--precision`` value: Lightning precision and layout."""
+    lightning, channels_last = PRECISIONS[precision]
+    return [f"trainer.precision={lightning}", f"model.channels_last={str(channels_last).lower()}"]
 
 
 # --- timing helpers ------------------------------------------------------------------------
@@ -261,31 +271,49 @@ def fit_steps(module: pl.LightningModule, batch: Any, steps: int, precision: str
 
 class SupervisedStep:
     """The reference: backbone + linear classifier, cross-entropy, the same optimizer, a bare
-    PyTorch loop (autocast as Lightning's ``bf16-mixed`` sets it)."""
+    PyTorch loop (autocast as Lightning's ``bf16-mixed`` sets it).
+
+    With ``key_forward`` each step also runs a gradient-free forward of a second copy of the
+    backbone in training mode on the other view: the compute a MoCo step cannot avoid (query
+    forward and backward, key forward), without anything else a MoCo step does.
+    """
 
     def __init__(
-        self, backbone: nn.Module, classes: int, optimizer: Callable[..., Any], precision: str
+        self,
+        backbone: nn.Module,
+        classes: int,
+        optimizer: Callable[..., Any],
+        precision: str,
+        key_forward: bool = False,
     ) -> None:
+        import copy
+
+        self.key = copy.deepcopy(backbone).train() if key_forward else None
         self.model = nn.Sequential(backbone, nn.Linear(int(backbone.out_dim), classes))  # type: ignore[arg-type]
         if PRECISIONS[precision][1]:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+            if self.key is not None:
+                self.key = self.key.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.model.train()
         self.optimizer = optimizer(self.model.parameters())
         self.bf16 = PRECISIONS[precision][0] == "bf16-mixed"
 
-    def __call__(self, images: Tensor, targets: Tensor) -> None:
+    def __call__(self, images: Tensor, targets: Tensor, key_images: Tensor) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss = F.cross_entropy(self.model(images), targets)
+            if self.key is not None:
+                with torch.no_grad():
+                    self.key(key_images)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
 
     def run(self, batch: Any, steps: int) -> list[float]:
-        (images, _), targets = batch
+        (images, key_images), targets = batch
         seconds = []
         for _ in range(steps):
             start = time.perf_counter()
-            self(images, targets)
+            self(images, targets, key_images)
             seconds.append(time.perf_counter() - start)
         return seconds
 
@@ -369,10 +397,10 @@ def build_lightly(cfg: DictConfig, precision: str) -> LightlyMoCo:
     return module
 
 
-def build_mocoq(cfg: DictConfig, precision: str) -> pl.LightningModule:
+def build_mocoq(cfg: DictConfig) -> pl.LightningModule:
+    """mocoq's module as ``mocoq-train`` builds it (``model.channels_last`` sets the layout of
+    the backbones and their inputs in ``setup``)."""
     _, module, _ = build(cfg)
-    if PRECISIONS[precision][1]:
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     return module
 
 
@@ -382,7 +410,7 @@ def build_mocoq(cfg: DictConfig, precision: str) -> pl.LightningModule:
 def measure_steps(options: Options, precision: str, with_lightly: bool) -> dict[str, Any]:
     """Interleaved step timings of mocoq, the supervised reference and (optionally) lightly."""
     cfg = compose_config(
-        options.run_dir / "steps", [*options.overrides, precision_override(precision)]
+        options.run_dir / "steps", [*options.overrides, *precision_overrides(precision)]
     )
     if cfg.model.symmetric:
         print("note: model.symmetric=true: the floor of the step ratio is about 2.64, not 1.32")
@@ -390,10 +418,14 @@ def measure_steps(options: Options, precision: str, with_lightly: bool) -> dict[
     batch = make_batch(cfg, channels_last)
     torch.manual_seed(int(cfg.seed))
     supervised = SupervisedStep(instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision)
+    floor = SupervisedStep(
+        instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision, key_forward=True
+    )
     arms: dict[str, Callable[[int], list[float]]] = {
-        "supervised": lambda n: supervised.run(batch, n)
+        "supervised": lambda n: supervised.run(batch, n),
+        "floor": lambda n: floor.run(batch, n),
     }
-    mocoq_module = build_mocoq(cfg, precision)
+    mocoq_module = build_mocoq(cfg)
     arms["mocoq"] = lambda n: fit_steps(mocoq_module, batch, n, precision)
     if with_lightly:
         lightly_module = build_lightly(cfg, precision)
@@ -417,6 +449,10 @@ def measure_steps(options: Options, precision: str, with_lightly: bool) -> dict[
         "seconds_per_step_all": per_repeat,
         "step_ratio": _paired_median(per_repeat["mocoq"], per_repeat["supervised"]),
         "step_ratio_floor": STEP_FLOOR * (2 if cfg.model.symmetric else 1),
+        "measured_floor": _paired_median(per_repeat["floor"], per_repeat["supervised"])
+        * (2 if cfg.model.symmetric else 1),
+        "mocoq_over_floor": _paired_median(per_repeat["mocoq"], per_repeat["floor"])
+        / (2 if cfg.model.symmetric else 1),
     }
     if with_lightly:
         result["mocoq_over_lightly"] = _paired_median(per_repeat["mocoq"], per_repeat["lightly"])
@@ -452,8 +488,6 @@ def fit_mocoq(options: Options, overrides: Sequence[str], name: str) -> dict[str
     datamodule, module, trainer = build(cfg)
     clock = StepClock()
     trainer.callbacks.append(clock)  # type: ignore[attr-defined]
-    if PRECISIONS[_precision_of(cfg)][1]:
-        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     datamodule.setup("fit")
     started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -474,7 +508,9 @@ def fit_mocoq(options: Options, overrides: Sequence[str], name: str) -> dict[str
 
 
 def _precision_of(cfg: DictConfig) -> str:
-    return "fp32" if str(cfg.trainer.precision) in ("32-true", "32") else "bf16"
+    """The ``--precision`` name of a composed config."""
+    name = "fp32" if str(cfg.trainer.precision) in ("32-true", "32") else "bf16"
+    return f"{name}+channels_last" if cfg.model.get("channels_last") else name
 
 
 class PILImages(Dataset[tuple[Any, int]]):
@@ -581,7 +617,7 @@ def run_benchmark(
         checkpoint(results)
 
     precision = precisions[0]
-    base = [*options.overrides, precision_override(precision)]
+    base = [*options.overrides, *precision_overrides(precision)]
     cfg = compose_config(options.run_dir / "probe", base)
     skipped_data = fashion_mnist_missing(cfg)
     if skipped_data or options.fit_steps < 1:
@@ -687,7 +723,8 @@ def format_table(results: dict[str, Any]) -> str:
         "",
         "1-2. training step (median s/step; ratios: median of back-to-back pairs)",
         f"  {'precision':<20}{'supervised':>11}{'mocoq':>9}{'lightly':>9}"
-        f"{'mocoq/sup':>11}{'floor':>7}{'lightly/sup':>13}{'mocoq/lightly':>15}",
+        f"{'mocoq/sup':>11}{'floor':>7}{'measured':>10}{'mocoq/floor':>13}"
+        f"{'lightly/sup':>13}{'mocoq/lightly':>15}",
     ]
     for row in results["steps"]:
         sec = row["seconds_per_step"]
@@ -695,6 +732,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"  {row['precision']:<20}{sec['supervised']:11.3f}{sec['mocoq']:9.3f}{lightly}"
             f"{row['step_ratio']:11.2f}{row['step_ratio_floor']:7.2f}"
+            f"{row['measured_floor']:10.2f}{row['mocoq_over_floor']:13.2f}"
             f"{_ratio(row.get('lightly_over_supervised')):>13}"
             f"{_ratio(row.get('mocoq_over_lightly')):>15}"
         )

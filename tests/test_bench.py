@@ -59,9 +59,10 @@ def test_bench_tiny_run_skips_lightly(
     assert "skipped: lightly is not installed" in printed
 
     (step,) = results["steps"]
-    assert set(step["seconds_per_step"]) == {"supervised", "mocoq"}  # no lightly arm
-    assert [len(v) for v in step["seconds_per_step_all"].values()] == [2, 2]
+    assert set(step["seconds_per_step"]) == {"supervised", "floor", "mocoq"}  # no lightly arm
+    assert [len(v) for v in step["seconds_per_step_all"].values()] == [2, 2, 2]
     assert step["step_ratio"] > 0 and step["batch_size"] == 16 and step["image"] == [3, 16]
+    assert step["measured_floor"] > 0 and step["mocoq_over_floor"] > 0
     assert "mocoq_over_lightly" not in step
 
     fits = results["end_to_end"]
@@ -86,5 +87,9 @@ def test_bench_parse_args_and_precision(bench: ModuleType) -> None:
     assert options.precisions == ["fp32", "bf16"] and out == Path("x.json")
     assert (options.steps, options.repeats, options.knn) == (2, 2, False)
     assert bench.resolve_precision("auto") in bench.PRECISIONS
+    assert bench.precision_overrides("fp32+channels_last") == [
+        "trainer.precision=32-true",
+        "model.channels_last=true",
+    ]
     with pytest.raises(ValueError, match="--precision"):
         bench.resolve_precision("fp8")
