@@ -10,7 +10,7 @@ ARGS       ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train test lint tb bench clean
+.PHONY: help setup data train test lint tb bench plot clean
 
 help: ## List the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
@@ -48,6 +48,9 @@ tb: setup ## Open TensorBoard on every run under outputs/
 bench: setup data ## Speed benchmarks vs a supervised step and lightly (installs lightly; ARGS=...)
 	$(BIN)/python -m pip install --quiet lightly $(TORCH_SPEC)
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+plot: setup ## Plot a run's TensorBoard scalars to <RUN>/run.png (RUN=<run dir>, ARGS=...)
+	$(BIN)/python scripts/plot_run.py $(RUN) $(ARGS)
 
 clean: ## Remove caches (keeps .venv and outputs/)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
