@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from mocoq.diagnostics import StepOutputs
 from mocoq.distributed import concat_all_gather, world_size
 from mocoq.ema import ema_update, init_key_from_query
 from mocoq.loss import info_nce
@@ -27,9 +28,15 @@ from mocoq.norm import (
 from mocoq.queue import MemoryQueue
 from mocoq.schedules import LRSchedule, ema_momentum_at
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], Optimizer]
+# Called with the trainable parameters, or with parameter groups when the online probe is on.
+OptimizerFactory = Callable[[Iterable[nn.Parameter] | Iterable[dict[str, Any]]], Optimizer]
 HeadFactory = Callable[[int], nn.Module]
 Batch = tuple[tuple[Tensor, Tensor] | list[Tensor], Tensor]
+
+PROBE_DECAY = 0.9
+"""The online probe's logged loss and accuracy are ratios of exponentially decayed sums over the
+labelled rows of recent steps (weight 0.9 per step: about the last 10 steps), so a step without
+labels leaves them where they were instead of logging a 0."""
 
 
 _COMPILE_CHECKS: dict[str, bool] = {}
@@ -72,6 +79,25 @@ class MoCoModule(pl.LightningModule):
 
     After every optimizer step the key backbone AND key head move towards the query ones by EMA.
 
+    Online linear probe (``online_probe=True``): a linear classifier ``probe`` (F -> classes)
+    trained during pre-training on the DETACHED backbone features of the augmented query view
+    ``x_a`` (no extra forward pass: these features are the ones the query projection is made
+    from; a clean view would cost one more backbone forward per step). Its cross-entropy, over
+    the labelled rows (targets >= 0; a batch without labels adds 0), is added to the loss that
+    Lightning back-propagates: the features are detached, so its gradient reaches only the
+    probe, and the MoCo gradients never reach the probe. The probe's parameters are their own
+    parameter group of the one optimizer (learning rate ``probe_lr``, no weight decay), so it
+    needs neither manual optimization nor a second optimizer, runs under DDP as the encoder does
+    (its gradients are all-reduced with the others) and is saved and resumed with the module and
+    the optimizer (``probe.weight``, ``probe.bias``, its momentum buffers). It follows the LR
+    schedule like the encoder. Logged as ``probe/aug_loss`` and ``probe/aug_top1`` (training
+    batches, augmented query view; see :data:`PROBE_DECAY`); the accuracy on clean validation
+    images is ``probe/val_top1`` of :class:`mocoq.callbacks.EmbeddingProjector`.
+
+    Diagnostics: while ``capture_step_outputs`` is set (by
+    :class:`mocoq.callbacks.TrainingDiagnostics`, on the steps it logs) the step keeps its
+    projections, logits and features, detached, in ``step_outputs``; nothing else changes.
+
     Args:
         backbone: images (N, C, H, W) -> features (N, F); must have an ``out_dim`` attribute.
         head: projection module (F -> D) or a factory called with F.
@@ -96,6 +122,10 @@ class MoCoModule(pl.LightningModule):
             ``conf/train.yaml``. Applied in :meth:`setup`.
         compile: ``torch.compile`` the forward of both backbones in :meth:`setup` (in place,
             so parameter names and checkpoints are the same as without it).
+        online_probe: train the online linear probe (off: no probe parameters at all, and the
+            checkpoints are those of a run without it).
+        probe_num_classes: the probe's number of classes (labels must lie in [0, classes)).
+        probe_lr: the probe's learning rate; None uses the optimizer's (the encoder's).
     """
 
     def __init__(
@@ -113,6 +143,9 @@ class MoCoModule(pl.LightningModule):
         bn_splits: int = 8,
         channels_last: bool = False,
         compile: bool = False,
+        online_probe: bool = False,
+        probe_num_classes: int = 10,
+        probe_lr: float | None = None,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -123,6 +156,10 @@ class MoCoModule(pl.LightningModule):
         if bn_splits < 1:
             raise ValueError(f"model.bn_splits must be positive, got {bn_splits}")
         ema_momentum_at(0, 1, ema_momentum, ema_momentum_schedule)  # validates the name
+        if online_probe and probe_num_classes < 1:
+            raise ValueError(f"model.probe_num_classes must be positive, got {probe_num_classes}")
+        if probe_lr is not None and probe_lr <= 0:
+            raise ValueError(f"model.probe_lr must be positive (or null), got {probe_lr}")
         if not hasattr(backbone, "out_dim"):
             raise ValueError("the backbone needs an 'out_dim' attribute (its feature dimension)")
         self.save_hyperparameters(ignore=["backbone", "head", "optimizer", "lr_schedule"])
@@ -149,6 +186,14 @@ class MoCoModule(pl.LightningModule):
         self.compile_backbones = compile
         self._compiled = False
         self._configured_lrs: list[float] = []  # set by configure_optimizers
+        # Created last, so that the random draws above are the same with and without it.
+        self.probe = nn.Linear(self.feature_dim, probe_num_classes) if online_probe else None
+        self.probe_num_classes = probe_num_classes
+        self.probe_lr = probe_lr
+        self._probe_sums: Tensor | None = None  # decayed (loss, correct, count), see PROBE_DECAY
+        self._probe_labels_checked = False
+        self.capture_step_outputs = False
+        self.step_outputs: StepOutputs | None = None
 
     def setup(self, stage: str) -> None:
         """Resolve ``key_bn`` for the number of ranks and convert BatchNorm layers to match.
@@ -276,30 +321,76 @@ class MoCoModule(pl.LightningModule):
             )
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
-        (view_a, view_b), _ = batch
+        """The MoCo loss of one batch ``((view_a, view_b), targets)``, plus the online probe's
+        loss when it is on (targets (N,) are used by the probe only; -1 marks no label)."""
+        (view_a, view_b), targets = batch
         self.check_batch_fits(view_a.shape[0], world_size())
         # The queue as it was before this step; cloned because the enqueue below writes in place
         # while autograd still needs these values for the backward pass.
         negatives = self.queue.keys.clone()  # (K, D)
-        query_a = self.project(view_a)  # (N, D)
+        features_a = self.backbone(self._layout(view_a))  # (N, F): forward(view_a)
+        query_a = F.normalize(self.head(features_a), dim=1)  # (N, D): project(view_a)
         key_b = self.project_keys(view_b, self._shuffle_seed(0))  # (N, D)
         loss, logits = info_nce(query_a, key_b, negatives, self.temperature)
         new_keys = key_b
+        queries, keys, features = query_a, key_b, features_a
         if self.symmetric:
-            query_b = self.project(view_b)  # (N, D)
+            features_b = self.backbone(self._layout(view_b))  # (N, F)
+            query_b = F.normalize(self.head(features_b), dim=1)  # (N, D)
             key_a = self.project_keys(view_a, self._shuffle_seed(1))  # (N, D)
             loss_ba, logits_ba = info_nce(query_b, key_a, negatives, self.temperature)
             loss = loss + loss_ba  # summed, as in the reference symmetric recipe
             logits = torch.cat([logits, logits_ba])  # (2N, 1 + K)
             new_keys = torch.cat([key_b, key_a])  # (2N, D)
+            if self.capture_step_outputs:
+                queries, keys = torch.cat([query_a, query_b]), new_keys  # (2N, D) each
+                features = torch.cat([features_a, features_b])  # (2N, F)
         # One global queue: every rank enqueues every rank's keys, in rank order.
         self.queue.enqueue(concat_all_gather(new_keys))
-        self._log_step(loss, logits.detach())
-        return loss
+        if self.capture_step_outputs:
+            self.step_outputs = StepOutputs(
+                queries.detach(), keys.detach(), logits.detach(), features.detach()
+            )
+        total = loss
+        probe_sums = None
+        if self.probe is not None:
+            probe_loss, probe_sums = self._probe_step(features_a.detach(), targets)
+            total = loss + probe_loss  # the probe's gradient stops at the detached features
+        self._log_step(loss, logits.detach(), probe_sums)
+        return total
 
-    def _log_step(self, loss: Tensor, logits: Tensor) -> None:
+    def _probe_step(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """The online probe's cross-entropy on detached features (N, F) with targets (N,).
+
+        Rows with a negative target (unlabelled) are left out; with none labelled the loss is an
+        exact 0 that still involves the probe's parameters (DDP expects a gradient for every
+        parameter on every step). Returns ``(loss, sums)``: the mean loss over the labelled rows
+        and the float32 (3,) sums (loss, correct predictions, labelled rows) for logging.
+        """
+        if self.probe is None:
+            raise RuntimeError("the online probe is off (model.online_probe=false)")
+        targets = targets.long()
+        if not self._probe_labels_checked:  # once: one host-device synchronisation in the run
+            self._probe_labels_checked = True
+            largest = int(targets.max()) if targets.numel() else -1
+            if largest >= self.probe_num_classes:
+                raise ValueError(
+                    f"the online probe has {self.probe_num_classes} classes but the batch has "
+                    f"label {largest}: set model.probe_num_classes to the dataset's number of "
+                    "classes"
+                )
+        labelled = (targets >= 0).float()  # (N,)
+        logits = self.probe(features)  # (N, classes)
+        losses = F.cross_entropy(logits.float(), targets.clamp(min=0), reduction="none")  # (N,)
+        count = labelled.sum()
+        loss = (losses * labelled).sum() / count.clamp(min=1.0)
+        correct = ((logits.argmax(dim=1) == targets).float() * labelled).sum()
+        return loss, torch.stack([(losses.detach() * labelled).sum(), correct, count])
+
+    def _log_step(self, loss: Tensor, logits: Tensor, probe_sums: Tensor | None = None) -> None:
         """Log the loss, (1 + K)-way accuracy and mean positive / negative cosine similarity,
-        averaged over ranks in one all-reduce (every rank has the same batch size)."""
+        averaged over ranks in one all-reduce (every rank has the same batch size); with the
+        probe's (loss, correct, count) sums (3,), summed over ranks in the same all-reduce."""
         similarity = logits.float() * self.temperature  # undo the 1/T: cosine similarities
         stats = torch.stack(
             [
@@ -309,13 +400,22 @@ class MoCoModule(pl.LightningModule):
                 similarity[:, 1:].mean(),
             ]
         )
+        if probe_sums is not None:
+            stats = torch.cat([stats, probe_sums.float()])
         ranks = world_size()
         if ranks > 1:
             dist.all_reduce(stats)
-            stats = stats / ranks
+            stats = torch.cat([stats[:4] / ranks, stats[4:]])
         names = ("train/loss", "train/acc1", "train/pos_logit", "train/neg_logit")
-        self.log_dict(dict(zip(names, stats.unbind(), strict=True)), prog_bar=False)
+        self.log_dict(dict(zip(names, stats[:4].unbind(), strict=True)), prog_bar=False)
         self.log("loss", stats[0], prog_bar=True, logger=False)
+        if probe_sums is not None:
+            previous = self._probe_sums
+            decayed = stats[4:] if previous is None else previous * PROBE_DECAY + stats[4:]
+            self._probe_sums = decayed
+            labelled = decayed[2].clamp(min=1e-6)  # 0 / 1e-6 = 0 before any labelled row
+            self.log("probe/aug_loss", decayed[0] / labelled)
+            self.log("probe/aug_top1", decayed[1] / labelled)
         self.log("train/ema_momentum", self.current_ema_momentum())
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -362,9 +462,50 @@ class MoCoModule(pl.LightningModule):
             f"{configured[0]:.4g} (global batch or lr changed)"
         )
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a run with the online probe switched on or off: the optimizer's
+        parameter groups would not match. (Loading weights alone, e.g. ``init_weights``, works
+        either way: see :meth:`_load_from_state_dict`.)"""
+        if self._trainer is None or "optimizer_states" not in checkpoint:
+            return
+        had_probe = any(k.startswith("probe.") for k in checkpoint.get("state_dict", {}))
+        if had_probe != (self.probe is not None):
+            before, now = ("on", "off") if had_probe else ("off", "on")
+            raise ValueError(
+                f"the checkpoint was trained with the online probe {before}, this run has it "
+                f"{now}: resume with model.online_probe={str(had_probe).lower()}, or start a new "
+                "run from its weights with init_weights=<checkpoint>"
+            )
+
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        """Load weights saved with or without the online probe into a module without or with it:
+        a saved probe is dropped when the probe is off; a missing one keeps this module's fresh
+        initialisation when it is on (a model state, recognised by its backbone keys, only)."""
+        probe_keys = [k for k in state_dict if k.startswith(prefix + "probe.")]
+        if self.probe is None:
+            for key in probe_keys:
+                del state_dict[key]
+        elif not probe_keys and any(k.startswith(prefix + "backbone.") for k in state_dict):
+            for name, value in self.probe.state_dict().items():
+                state_dict[prefix + "probe." + name] = value
+            rank_zero_info("the loaded weights have no online probe: it starts untrained")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def configure_optimizers(self) -> Any:
-        parameters = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(parameters)
+        """The optimizer over the trainable parameters (the probe's, when on, as a second
+        parameter group with ``probe_lr`` and no weight decay) and the per-step LR schedule."""
+        probe = list(self.probe.parameters()) if self.probe is not None else []
+        probe_ids = {id(p) for p in probe}
+        parameters = [p for p in self.parameters() if p.requires_grad and id(p) not in probe_ids]
+        if probe:
+            probe_group: dict[str, Any] = {"params": probe, "weight_decay": 0.0}
+            if self.probe_lr is not None:
+                probe_group["lr"] = self.probe_lr
+            optimizer = self.optimizer_factory([{"params": parameters}, probe_group])
+        else:
+            optimizer = self.optimizer_factory(parameters)
         self._configured_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         if self.lr_schedule is None:
             return optimizer

@@ -17,6 +17,12 @@ class MemoryQueue(nn.Module):
     with random unit vectors (as in the MoCo reference) so the loss is defined from step one;
     ``filled`` counts how many slots hold real keys.
 
+    ``written_at`` (K,) holds, for every slot, the number of the enqueue call that wrote it (0
+    for the first call, -1 for a slot never written), also persistent; the count of calls is
+    not stored apart (it is one more than the largest entry). :func:`mocoq.diagnostics.mean_key_age`
+    reads the keys' ages from it. A checkpoint from before this buffer existed loads with every
+    slot's age unknown (-1); the ages fill in as the run overwrites the slots.
+
     Args:
         size: number of keys K.
         dim: key dimension D.
@@ -25,6 +31,7 @@ class MemoryQueue(nn.Module):
     keys: Tensor
     ptr: Tensor
     filled: Tensor
+    written_at: Tensor
 
     def __init__(self, size: int, dim: int) -> None:
         super().__init__()
@@ -39,8 +46,10 @@ class MemoryQueue(nn.Module):
         # so that enqueue never synchronises with the device.
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("written_at", torch.full((size,), -1, dtype=torch.long))  # (K,)
         self._ptr = 0
         self._filled = 0
+        self._writes = 0  # enqueue calls so far (host mirror: max(written_at) + 1)
 
     @torch.no_grad()
     def enqueue(self, keys: Tensor) -> None:
@@ -57,8 +66,11 @@ class MemoryQueue(nn.Module):
         start = self._ptr
         head = min(batch, self.size - start)  # slots left before the end of the buffer
         self.keys[start : start + head] = keys[:head]
+        self.written_at[start : start + head] = self._writes  # a fill from a host int: no sync
         if head < batch:  # wrap: the rest goes to the front
             self.keys[: batch - head] = keys[head:]
+            self.written_at[: batch - head] = self._writes
+        self._writes += 1
         self._ptr = (start + batch) % self.size
         self._filled = min(self.size, self._filled + batch)
         self.ptr.fill_(self._ptr)
@@ -73,6 +85,11 @@ class MemoryQueue(nn.Module):
     def num_filled(self) -> int:
         """How many slots hold enqueued keys (the rest still hold the random initial keys)."""
         return self._filled
+
+    @property
+    def num_writes(self) -> int:
+        """How many times :meth:`enqueue` has been called (over the run, resumes included)."""
+        return self._writes
 
     def ordered(self) -> Tensor:
         """The enqueued keys from oldest to newest, shape (num_filled, D)."""
@@ -91,6 +108,10 @@ class MemoryQueue(nn.Module):
                 "resume with the checkpoint's model.queue_size (and head.out_dim), or start a "
                 "new run from its weights with init_weights=<checkpoint> instead of resuming"
             )
+        if saved is not None and prefix + "written_at" not in state_dict:
+            # A checkpoint from before the slots' write times were kept: ages unknown.
+            state_dict[prefix + "written_at"] = torch.full_like(self.written_at, -1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._ptr = int(self.ptr)
         self._filled = int(self.filled)
+        self._writes = int(self.written_at.max()) + 1
