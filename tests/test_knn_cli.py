@@ -14,8 +14,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from mocoq.eval.checkpoint import load_encoder
-from mocoq.eval.features import knn_evaluate
+from mocoq.eval.checkpoint import evaluation_datamodule, load_encoder
+from mocoq.eval.features import embed, knn_evaluate
 from mocoq.eval.knn_cli import knn_grid, run_knn
 from mocoq.export import export_backbone
 from mocoq.train import CONFIG_DIR, ConfigError, run
@@ -158,3 +158,32 @@ def test_cli_prints_the_table_and_reports_errors_in_one_line(
     assert failed.returncode == 2
     assert "mocoq-knn: error: checkpoint=" in failed.stderr and "does not exist" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+def test_baselines_use_the_same_protocol(trained_run: Run, tmp_path: Path) -> None:
+    """raw_pixels is kNN on the normalised images themselves; random_init is the run's
+    backbone with fresh weights: the same bank, queries, k and T as the trained encoder."""
+    run_dir, _, _ = trained_run
+    common = [f"checkpoint={run_dir}", f"output_dir={tmp_path}", "k=[20]", "temperature=[0.07]"]
+    pixels = run_knn(knn_cfg(*common, "baseline=raw_pixels"))
+    assert pixels["baseline"] == "raw_pixels"
+    assert [r["features"] for r in pixels["results"]] == ["backbone"]
+    # By hand: the datamodule's clean images, flattened, through knn_evaluate.
+    datamodule = evaluation_datamodule(load_encoder(run_dir), None)
+    bank, bank_labels = embed(torch.nn.Flatten(), datamodule.clean_dataloader("train"))
+    queries, query_labels = embed(torch.nn.Flatten(), datamodule.clean_dataloader("test"))
+    expected = knn_evaluate(bank, bank_labels, queries, query_labels, 20, 0.07)
+    assert pixels["results"][0]["top1"] == expected.top1
+    assert bank.shape[1] == 3 * 16 * 16  # TINY: 3 x 16 x 16 images
+
+    first = run_knn(knn_cfg(*common, "baseline=random_init"))
+    again = run_knn(knn_cfg(*common, "baseline=random_init"))
+    assert first["results"] == again["results"]  # seeded: the same fresh weights
+    encoder = load_encoder(run_dir)
+    fresh = encoder.baseline("random_init", seed=0).backbone
+    assert type(fresh) is type(encoder.backbone) and not fresh.training
+    trained_weights, fresh_weights = encoder.backbone.state_dict(), fresh.state_dict()
+    assert trained_weights.keys() == fresh_weights.keys()
+    assert not torch.equal(trained_weights["conv1.weight"], fresh_weights["conv1.weight"])
+    with pytest.raises(ConfigError, match="baseline must be null, random_init or raw_pixels"):
+        run_knn(knn_cfg(*common, "baseline=imagenet"))

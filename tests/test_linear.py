@@ -206,3 +206,13 @@ def test_cli_runs_end_to_end(run_dir: Path, tmp_path: Path) -> None:
     assert "val top-1" in done.stdout
     assert (tmp_path / "out" / "linear.json").is_file()
     assert list((tmp_path / "out" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_baselines_run_the_same_protocol(run_dir: Path, tmp_path: Path) -> None:
+    common = [f"checkpoint={run_dir}", f"output_dir={tmp_path}", *QUICK, "epochs=2"]
+    pixels = run_linear(linear_cfg(*common, "baseline=raw_pixels"))
+    assert pixels["baseline"] == "raw_pixels" and pixels["feature_dim"] == 3 * 16 * 16
+    fresh = run_linear(linear_cfg(*common, "baseline=random_init"))
+    trained = run_linear(linear_cfg(*common))
+    assert fresh["baseline"] == "random_init" and trained["baseline"] is None
+    assert fresh["feature_dim"] == trained["feature_dim"]

@@ -151,6 +151,28 @@ class LoadedEncoder:
             )
         return FeatureExtractor(backbone, head if features == "head" else None, self.channels_last)
 
+    def baseline(self, name: str, seed: int = 0) -> FeatureExtractor:
+        """A reference extractor evaluated with the same protocol as the trained encoder.
+
+        Args:
+            name: ``random_init``: the same backbone built from the run's config with fresh
+                weights (drawn from ``seed``; eval mode, so BatchNorm uses its initial running
+                statistics), features (N, F); ``raw_pixels``: the normalised images themselves,
+                flattened, features (N, C * H * W).
+            seed: the random initialisation's seed.
+        """
+        if name == "raw_pixels":
+            return FeatureExtractor(nn.Flatten())
+        if name != "random_init":
+            raise ConfigError(f"baseline must be null, random_init or raw_pixels, got {name!r}")
+        state = torch.random.get_rng_state()
+        try:
+            torch.manual_seed(seed)
+            backbone = build_backbone(self.config, f"{self.source}'s config").eval()
+        finally:
+            torch.random.set_rng_state(state)
+        return FeatureExtractor(backbone, None, self.channels_last)
+
     def to(self, device: torch.device | str) -> LoadedEncoder:
         """Move every module to ``device`` (in place); returns self."""
         for module in (self.backbone, self.head, self.key_backbone, self.key_head):

@@ -139,7 +139,11 @@ def run_knn(cfg: DictConfig) -> dict[str, Any]:
     for kind in kinds:
         if kind not in FEATURE_KINDS:
             raise ConfigError(f"features must be among {list(FEATURE_KINDS)}, got {kind!r}")
-    extractors = {kind: encoder.extractor(kind, cfg.encoder) for kind in kinds}  # checks first
+    baseline = cfg.get("baseline")
+    if baseline:  # the same protocol on a reference instead of the trained encoder
+        extractors = {"backbone": encoder.baseline(str(baseline), int(cfg.get("seed", 0)))}
+    else:
+        extractors = {kind: encoder.extractor(kind, cfg.encoder) for kind in kinds}  # checks first
     datamodule = evaluation_datamodule(encoder, cfg.get("dataset"))
     splits = {"bank": datamodule.bank_split, "queries": datamodule.val_split}
     for role, option in (("bank", "bank_split"), ("queries", "val_split")):
@@ -152,6 +156,8 @@ def run_knn(cfg: DictConfig) -> dict[str, Any]:
     query_loader = datamodule.clean_dataloader(str(splits["queries"]))
     device = resolve_device(str(cfg.device))
     encoder.to(device)
+    for extractor in extractors.values():
+        extractor.to(device)
 
     results: list[dict[str, Any]] = []
     seconds = {"embed": 0.0, "knn": 0.0}
@@ -170,6 +176,7 @@ def run_knn(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "source": str(encoder.source),
         "kind": encoder.kind,
+        "baseline": str(baseline) if baseline else None,
         "encoder": cfg.encoder if encoder.kind == "checkpoint" else encoder.encoder,
         "step": encoder.step,
         "epoch": encoder.epoch,

@@ -320,7 +320,11 @@ def run_linear(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     autocast(device, precision)  # checks the name before any work
     encoder = load_encoder(source, cfg.get("config"), key_encoder=cfg.encoder == "key")
-    extractor = encoder.extractor("backbone", cfg.encoder)
+    baseline = cfg.get("baseline")
+    if baseline:  # the same protocol on a reference instead of the trained encoder
+        extractor = encoder.baseline(str(baseline), int(cfg.seed))
+    else:
+        extractor = encoder.extractor("backbone", cfg.encoder)
     datamodule = evaluation_datamodule(encoder, cfg.get("dataset"))
     train_split = cfg.get("train_split") or datamodule.bank_split
     val_split = cfg.get("val_split") or datamodule.val_split
@@ -330,6 +334,7 @@ def run_linear(cfg: DictConfig) -> dict[str, Any]:
         )
     train_split, val_split = str(train_split), str(val_split)
     encoder.to(device)
+    extractor.to(device)
     extractor.eval()  # frozen: BatchNorm keeps the running statistics of pre-training
     extractor.requires_grad_(False)
     torch.manual_seed(protocol.seed)  # the augmentation's draws in this process
@@ -370,7 +375,7 @@ def run_linear(cfg: DictConfig) -> dict[str, Any]:
             batches,
             val_features,
             val_labels,
-            encoder.feature_dim,
+            int(val_features.shape[1]),  # F: the backbone's, or C * H * W for raw pixels
             num_classes,
             protocol,
             on_epoch=log,
@@ -381,12 +386,13 @@ def run_linear(cfg: DictConfig) -> dict[str, Any]:
     report: dict[str, Any] = {
         "source": str(encoder.source),
         "kind": encoder.kind,
+        "baseline": str(baseline) if baseline else None,
         "encoder": cfg.encoder if encoder.kind == "checkpoint" else encoder.encoder,
         "step": encoder.step,
         "epoch": encoder.epoch,
         "top1": final["val_top1"],
         "top5": final["val_top5"],
-        "feature_dim": encoder.feature_dim,
+        "feature_dim": int(val_features.shape[1]),
         "dataset": {
             "train_split": train_split,
             "val_split": val_split,
