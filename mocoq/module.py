@@ -31,7 +31,8 @@ from mocoq.schedules import LRSchedule, ema_momentum_at
 # Called with the trainable parameters, or with parameter groups when the online probe is on.
 OptimizerFactory = Callable[[Iterable[nn.Parameter] | Iterable[dict[str, Any]]], Optimizer]
 HeadFactory = Callable[[int], nn.Module]
-Batch = tuple[tuple[Tensor, Tensor] | list[Tensor], Tensor]
+# ((view_a, view_b), targets), or ((view_a, view_b, clean), targets) for the online probe.
+Batch = tuple[tuple[Tensor, ...] | list[Tensor], Tensor]
 
 PROBE_DECAY = 0.9
 """The online probe's logged loss and accuracy are ratios of exponentially decayed sums over the
@@ -39,31 +40,25 @@ labelled rows of recent steps (weight 0.9 per step: about the last 10 steps), so
 labels leaves them where they were instead of logging a 0."""
 
 
-_COMPILE_CHECKS: dict[str, bool] = {}
+def channels_last_unsafe_convs(module: nn.Module) -> list[str]:
+    """Names of the convolutions in ``module`` whose weight gradient oneDNN gets wrong on the CPU
+    in channels-last layout: 1x1 kernel, stride > 1, fewer than 8 input channels.
 
-
-def compiled_gradients_agree(device: torch.device) -> bool:
-    """Whether ``nn.Module.compile`` gives the eager gradients on ``device`` for a strided 1x1
-    convolution followed by BatchNorm (ResNet downsampling). torch 2.14's inductor gets that
-    convolution's weight gradient wrong on some x86 CPUs (seen on AVX2-only AMD EPYC), which
-    would silently train a different model. Checked once per device type and process (a few
-    seconds of compilation, next to the minutes compiling the backbones takes)."""
-    import copy
-
-    if device.type not in _COMPILE_CHECKS:
-        generator = torch.Generator().manual_seed(0)
-        eager = nn.Sequential(nn.Conv2d(4, 8, 1, stride=2, bias=False), nn.BatchNorm2d(8))
-        eager = eager.to(device)
-        compiled = copy.deepcopy(eager)
-        compiled.compile()
-        images = torch.randn(8, 4, 12, 12, generator=generator).to(device)  # (N, C, H, W)
-        eager(images).pow(2).sum().backward()
-        compiled(images).pow(2).sum().backward()
-        _COMPILE_CHECKS[device.type] = all(
-            a.grad is not None and b.grad is not None and torch.allclose(a.grad, b.grad, atol=1e-4)
-            for a, b in zip(eager.parameters(), compiled.parameters(), strict=True)
-        )
-    return _COMPILE_CHECKS[device.type]
+    In torch 2.14's CPU build (oneDNN's AVX2 1x1 backward-weights kernel, seen on AMD EPYC Zen 3)
+    such a convolution's weight gradient is wrong by up to 50x, or the call never returns, or
+    the process crashes; the forward pass and the input gradient are right, and NCHW is right.
+    ``torch.compile``'s inductor lays CPU convolutions out channels-last itself, so it hits the
+    same kernel. Such layers only occur in very narrow networks (ResNet downsampling from fewer
+    than 8 channels); a CPU run with one keeps NCHW and stays uncompiled.
+    """
+    return [
+        name
+        for name, layer in module.named_modules()
+        if isinstance(layer, nn.Conv2d)
+        and layer.kernel_size == (1, 1)
+        and max(layer.stride) > 1
+        and layer.in_channels < 8
+    ]
 
 
 class MoCoModule(pl.LightningModule):
@@ -80,9 +75,13 @@ class MoCoModule(pl.LightningModule):
     After every optimizer step the key backbone AND key head move towards the query ones by EMA.
 
     Online linear probe (``online_probe=True``): a linear classifier ``probe`` (F -> classes)
-    trained during pre-training on the DETACHED backbone features of the augmented query view
-    ``x_a`` (no extra forward pass: these features are the ones the query projection is made
-    from; a clean view would cost one more backbone forward per step). Its cross-entropy, over
+    trained during pre-training on backbone features of the CLEAN view (the un-augmented image,
+    as the kNN monitor and the linear evaluation see it), which the data module adds to every
+    batch when the probe is on: one extra forward of the query backbone per step, in evaluation
+    mode (BatchNorm uses, and does not update, its running statistics) and without gradient, so
+    the features are what the frozen backbone would give at this step. Without a clean view in
+    the batch (a custom data module), the probe falls back to the detached features of the
+    augmented query view and logs under ``probe/aug_*`` instead. Its cross-entropy, over
     the labelled rows (targets >= 0; a batch without labels adds 0), is added to the loss that
     Lightning back-propagates: the features are detached, so its gradient reaches only the
     probe, and the MoCo gradients never reach the probe. The probe's parameters are their own
@@ -90,9 +89,10 @@ class MoCoModule(pl.LightningModule):
     needs neither manual optimization nor a second optimizer, runs under DDP as the encoder does
     (its gradients are all-reduced with the others) and is saved and resumed with the module and
     the optimizer (``probe.weight``, ``probe.bias``, its momentum buffers). It follows the LR
-    schedule like the encoder. Logged as ``probe/aug_loss`` and ``probe/aug_top1`` (training
-    batches, augmented query view; see :data:`PROBE_DECAY`); the accuracy on clean validation
-    images is ``probe/val_top1`` of :class:`mocoq.callbacks.EmbeddingProjector`.
+    schedule like the encoder. Logged as ``probe/loss`` and ``probe/top1`` (clean views of the
+    training batches, before the probe's update on them; see :data:`PROBE_DECAY`); the accuracy
+    on clean validation images is ``probe/val_top1`` of
+    :class:`mocoq.callbacks.EmbeddingProjector`.
 
     Diagnostics: while ``capture_step_outputs`` is set (by
     :class:`mocoq.callbacks.TrainingDiagnostics`, on the steps it logs) the step keeps its
@@ -210,23 +210,44 @@ class MoCoModule(pl.LightningModule):
             self.configure_key_bn(self.trainer.world_size, on_gpu=device.type != "cpu")
         self.configure_speed()
 
-    def configure_speed(self) -> None:
+    def configure_speed(self, device_type: str | None = None) -> None:
         """Apply ``channels_last`` and ``compile`` to both backbones (after the BatchNorm
-        conversions, which may replace modules). Idempotent; changes no parameter name, value
-        or shape, so checkpoints load across these options either way."""
+        conversions, which may replace modules), for a run on ``device_type`` (default: the
+        trainer's device, else the parameters'). Idempotent; changes no parameter name, value
+        or shape, so checkpoints load across these options either way.
+
+        On the CPU, a backbone with a layer from :func:`channels_last_unsafe_convs` keeps NCHW
+        and runs uncompiled, with a warning: oneDNN computes that layer's gradient wrongly
+        otherwise."""
+        if device_type is None:
+            on_trainer = self._trainer is not None
+            device_type = (
+                self.trainer.strategy.root_device.type
+                if on_trainer
+                else next(self.backbone.parameters()).device.type
+            )
+        unsafe = channels_last_unsafe_convs(self.backbone) if device_type == "cpu" else []
+        if unsafe and (self.channels_last or self.compile_backbones):
+            asked = [
+                option
+                for option, on in (
+                    ("model.channels_last", self.channels_last),
+                    ("model.compile", self.compile_backbones),
+                )
+                if on
+            ]
+            rank_zero_warn(
+                f"{' and '.join(asked)} ignored on the CPU: the backbone's "
+                f"{', '.join(unsafe[:3])} (1x1, strided, fewer than 8 input channels) would get "
+                "wrong gradients from oneDNN in channels-last layout; the backbones run NCHW, "
+                "uncompiled (widen the backbone's first stage to 8 channels or more to use them)"
+            )
+            self.channels_last = False
+            self.compile_backbones = False
         if self.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
             self.key_backbone.to(memory_format=torch.channels_last)
         if self.compile_backbones and not self._compiled:
-            device = next(self.backbone.parameters()).device
-            if not compiled_gradients_agree(device):
-                rank_zero_warn(
-                    "model.compile=true: torch.compile computes wrong gradients on this machine "
-                    f"({device.type}; checked on a strided 1x1 convolution with BatchNorm, as in "
-                    "ResNet downsampling), so the backbones run uncompiled"
-                )
-                self.compile_backbones = False
-                return
             self.backbone.compile()  # compiles the module's call in place: same names, same keys
             self.key_backbone.compile()
             self._compiled = True
@@ -322,8 +343,11 @@ class MoCoModule(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         """The MoCo loss of one batch ``((view_a, view_b), targets)``, plus the online probe's
-        loss when it is on (targets (N,) are used by the probe only; -1 marks no label)."""
-        (view_a, view_b), targets = batch
+        loss when it is on (targets (N,) are used by the probe only; -1 marks no label). A third
+        view (N, C, H, W) after the two, the clean view, is what the probe learns from."""
+        views, targets = batch
+        view_a, view_b = views[0], views[1]
+        clean = views[2] if len(views) > 2 else None
         self.check_batch_fits(view_a.shape[0], world_size())
         # The queue as it was before this step; cloned because the enqueue below writes in place
         # while autograd still needs these values for the backward pass.
@@ -354,10 +378,23 @@ class MoCoModule(pl.LightningModule):
         total = loss
         probe_sums = None
         if self.probe is not None:
-            probe_loss, probe_sums = self._probe_step(features_a.detach(), targets)
+            probe_features = features_a.detach() if clean is None else self.clean_features(clean)
+            probe_loss, probe_sums = self._probe_step(probe_features, targets)
             total = loss + probe_loss  # the probe's gradient stops at the detached features
-        self._log_step(loss, logits.detach(), probe_sums)
+        self._log_step(loss, logits.detach(), probe_sums, clean_probe=clean is not None)
         return total
+
+    @torch.no_grad()
+    def clean_features(self, images: Tensor) -> Tensor:
+        """Query backbone features (N, F) of clean images (N, C, H, W) in evaluation mode, as a
+        frozen backbone gives them: BatchNorm normalises with its running statistics and leaves
+        them as they are; no gradient. The backbone's training mode is restored after."""
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            return self.backbone(self._layout(images))
+        finally:
+            self.backbone.train(was_training)
 
     def _probe_step(self, features: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """The online probe's cross-entropy on detached features (N, F) with targets (N,).
@@ -387,10 +424,17 @@ class MoCoModule(pl.LightningModule):
         correct = ((logits.argmax(dim=1) == targets).float() * labelled).sum()
         return loss, torch.stack([(losses.detach() * labelled).sum(), correct, count])
 
-    def _log_step(self, loss: Tensor, logits: Tensor, probe_sums: Tensor | None = None) -> None:
+    def _log_step(
+        self,
+        loss: Tensor,
+        logits: Tensor,
+        probe_sums: Tensor | None = None,
+        clean_probe: bool = True,
+    ) -> None:
         """Log the loss, (1 + K)-way accuracy and mean positive / negative cosine similarity,
         averaged over ranks in one all-reduce (every rank has the same batch size); with the
-        probe's (loss, correct, count) sums (3,), summed over ranks in the same all-reduce."""
+        probe's (loss, correct, count) sums (3,), summed over ranks in the same all-reduce, as
+        ``probe/*`` (clean views) or ``probe/aug_*`` (``clean_probe=False``: augmented views)."""
         similarity = logits.float() * self.temperature  # undo the 1/T: cosine similarities
         stats = torch.stack(
             [
@@ -414,8 +458,9 @@ class MoCoModule(pl.LightningModule):
             decayed = stats[4:] if previous is None else previous * PROBE_DECAY + stats[4:]
             self._probe_sums = decayed
             labelled = decayed[2].clamp(min=1e-6)  # 0 / 1e-6 = 0 before any labelled row
-            self.log("probe/aug_loss", decayed[0] / labelled)
-            self.log("probe/aug_top1", decayed[1] / labelled)
+            prefix = "probe/" if clean_probe else "probe/aug_"
+            self.log(f"{prefix}loss", decayed[0] / labelled)
+            self.log(f"{prefix}top1", decayed[1] / labelled)
         self.log("train/ema_momentum", self.current_ema_momentum())
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

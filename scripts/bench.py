@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from mocoq.callbacks import KNNMonitor
+from mocoq.module import channels_last_unsafe_convs
 from mocoq.train import CONFIG_DIR, build, cpu_precision
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,20 +110,24 @@ def resolve_precision(name: str) -> str:
 
 def machine_info() -> dict[str, Any]:
     """CPU model, cores, torch and thread counts, versions and the checkout's commit."""
-    model = platform.processor() or platform.machine()
+    model = platform.machine()  # replaced by /proc/cpuinfo's model name where there is one
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
     commit = "unknown"
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
+    # Bounded: a git that waits (a prompt, a lock, a background helper holding the pipe) must
+    # not hold up the benchmark.
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
         commit = subprocess.run(
             ["git", "describe", "--always", "--dirty"],
             cwd=REPO,
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             check=True,
+            timeout=10,
         ).stdout.strip()
     affinity = getattr(os, "sched_getaffinity", None)
     return {
@@ -180,6 +185,22 @@ def precision_overrides(precision: str) -> list[str]:
     """mocoq config overrides for a ``--precision`` value: Lightning precision and layout."""
     lightning, channels_last = PRECISIONS[precision]
     return [f"trainer.precision={lightning}", f"model.channels_last={str(channels_last).lower()}"]
+
+
+def channels_last_applies(cfg: DictConfig, precision: str) -> bool:
+    """Whether ``precision``'s channels-last layout is used for the config's backbone: not where
+    oneDNN computes a layer's gradient wrongly in that layout
+    (:func:`mocoq.module.channels_last_unsafe_convs`, which mocoq's module also refuses)."""
+    if not PRECISIONS[precision][1]:
+        return False
+    unsafe = channels_last_unsafe_convs(instantiate(cfg.backbone))
+    if unsafe:
+        print(
+            f"note: {precision}: the backbone's {unsafe[0]} is a strided 1x1 convolution from "
+            "fewer than 8 channels, whose channels-last gradient oneDNN gets wrong: every arm "
+            "runs NCHW"
+        )
+    return not unsafe
 
 
 # --- timing helpers ------------------------------------------------------------------------
@@ -285,12 +306,13 @@ class SupervisedStep:
         optimizer: Callable[..., Any],
         precision: str,
         key_forward: bool = False,
+        channels_last: bool | None = None,
     ) -> None:
         import copy
 
         self.key = copy.deepcopy(backbone).train() if key_forward else None
         self.model = nn.Sequential(backbone, nn.Linear(int(backbone.out_dim), classes))  # type: ignore[arg-type]
-        if PRECISIONS[precision][1]:
+        if PRECISIONS[precision][1] if channels_last is None else channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
             if self.key is not None:
                 self.key = self.key.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
@@ -380,7 +402,9 @@ class LightlyMoCo(pl.LightningModule):
         return self.optimizer_factory(self.parameters())
 
 
-def build_lightly(cfg: DictConfig, precision: str) -> LightlyMoCo:
+def build_lightly(
+    cfg: DictConfig, precision: str, channels_last: bool | None = None
+) -> LightlyMoCo:
     """lightly's MoCo with a fresh backbone identical to mocoq's and mocoq's hyper-parameters."""
     feature_dim = int(instantiate(cfg.backbone).out_dim)
     module = LightlyMoCo(
@@ -392,7 +416,7 @@ def build_lightly(cfg: DictConfig, precision: str) -> LightlyMoCo:
         momentum=float(cfg.model.ema_momentum),
         optimizer=instantiate(cfg.optim),
     )
-    if PRECISIONS[precision][1]:
+    if PRECISIONS[precision][1] if channels_last is None else channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
     return module
 
@@ -414,12 +438,14 @@ def measure_steps(options: Options, precision: str, with_lightly: bool) -> dict[
     )
     if cfg.model.symmetric:
         print("note: model.symmetric=true: the floor of the step ratio is about 2.64, not 1.32")
-    channels_last = PRECISIONS[precision][1]
+    channels_last = channels_last_applies(cfg, precision)
     batch = make_batch(cfg, channels_last)
     torch.manual_seed(int(cfg.seed))
-    supervised = SupervisedStep(instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision)
+    supervised = SupervisedStep(
+        instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision, False, channels_last
+    )
     floor = SupervisedStep(
-        instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision, key_forward=True
+        instantiate(cfg.backbone), 10, instantiate(cfg.optim), precision, True, channels_last
     )
     arms: dict[str, Callable[[int], list[float]]] = {
         "supervised": lambda n: supervised.run(batch, n),
@@ -428,7 +454,7 @@ def measure_steps(options: Options, precision: str, with_lightly: bool) -> dict[
     mocoq_module = build_mocoq(cfg)
     arms["mocoq"] = lambda n: fit_steps(mocoq_module, batch, n, precision)
     if with_lightly:
-        lightly_module = build_lightly(cfg, precision)
+        lightly_module = build_lightly(cfg, precision, channels_last)
         arms["lightly"] = lambda n: fit_steps(lightly_module, batch, n, precision)
     for run in arms.values():  # warm-up: allocator, oneDNN kernels, first optimizer state
         run(2)
@@ -554,7 +580,7 @@ def fit_lightly(options: Options, cfg: DictConfig, precision: str, name: str) ->
         num_workers=options.lightly_workers,
     )
     torch.manual_seed(int(cfg.seed))
-    module = build_lightly(cfg, precision)
+    module = build_lightly(cfg, precision, channels_last_applies(cfg, precision))
     clock = StepClock()
     total = options.fit_warmup + options.fit_steps
     trainer = lightning_trainer(

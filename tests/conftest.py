@@ -39,8 +39,12 @@ TINY = [
 ]
 
 
-def tiny_module(**kwargs: object) -> MoCoModule:
-    """A MoCoModule small enough for unit tests: 1-channel images, 8-d embeddings."""
+def tiny_module(widths: tuple[int, ...] = (4, 8), **kwargs: object) -> MoCoModule:
+    """A MoCoModule small enough for unit tests: 1-channel images, 8-d embeddings.
+
+    The default widths have a strided 1x1 convolution from 4 channels, which keeps a CPU module
+    NCHW and uncompiled (:func:`mocoq.module.channels_last_unsafe_convs`); layout and compile
+    tests pass ``widths=(8, 16)``."""
     options: dict[str, object] = {
         "queue_size": 32,
         "temperature": 0.2,
@@ -49,7 +53,7 @@ def tiny_module(**kwargs: object) -> MoCoModule:
     }
     options.update(kwargs)
     return MoCoModule(
-        backbone=SmallResNet(1, widths=(4, 8), blocks=(1, 1)),
+        backbone=SmallResNet(1, widths=widths, blocks=(1, 1)),
         head=functools.partial(ProjectionHead, out_dim=8, num_layers=2),
         optimizer=functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
         **options,  # type: ignore[arg-type]
