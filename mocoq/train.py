@@ -79,7 +79,9 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     # Built objects are passed to partials, not as instantiate() kwargs: Hydra would turn a
     # dataclass argument (LRSchedule) back into a config node.
     datamodule: MoCoDataModule = instantiate(cfg.dataset, _partial_=True)(
-        augment=instantiate(cfg.augment), seed=cfg.seed
+        augment=instantiate(cfg.augment),
+        seed=cfg.seed,
+        clean_view=bool(cfg.model.get("online_probe", False)),  # the probe learns from it
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -70,7 +70,7 @@ PANELS: tuple[Panel, ...] = (
         "acc1 / cosine",
         smooth=True,
     ),
-    Panel("probe", "Linear probe", ("probe/top1",), "top-1"),
+    Panel("probe", "Online linear probe", ("probe/top1", "probe/val_top1"), "top-1"),
     Panel("alignment", "Alignment", ("diag/alignment",), "E||q - k||²"),
     Panel("uniformity", "Uniformity", ("diag/uniformity",), "log E exp(-2||x - y||²)"),
     Panel("collapse", "Feature std (collapse)", ("diag/feature_std",), "std"),

@@ -141,6 +141,33 @@ def test_clean_loaders_are_unaugmented_and_complete() -> None:
     assert first.shape == (40, 3, 12, 12) and torch.equal(first, second)
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_clean_view_is_the_clean_loaders_image(on_device: bool) -> None:
+    # With clean_view (the online probe on), every training batch carries a third view: the
+    # image exactly as the clean (kNN) loaders give it, in both data paths.
+    datamodule = make_datamodule(clean_view=True, augment_on_device=on_device)
+    datamodule.setup("fit")
+    bank = datamodule.knn_bank_dataloader()
+    assert bank is not None
+    clean_images = torch.cat([images for images, _ in bank])  # (40, 3, 12, 12), dataset order
+    clean_targets = torch.cat([targets for _, targets in bank])
+    batches = 0
+    for batch in datamodule.train_dataloader():
+        views, targets = datamodule.on_after_batch_transfer(batch, 0)
+        assert len(views) == 3 and all(v.shape == (16, 3, 12, 12) for v in views)
+        view_a, _, clean = views
+        for image, target in zip(clean, targets, strict=True):
+            matches = [i for i in range(40) if torch.allclose(image, clean_images[i], atol=1e-6)]
+            assert len(matches) == 1 and clean_targets[matches[0]] == target
+        assert not torch.allclose(view_a, clean)  # the augmented view is another image
+        batches += 1
+    assert batches == 2
+    # Without it, two views as before.
+    plain = make_datamodule(augment_on_device=on_device)
+    views, _ = plain.on_after_batch_transfer(next(iter(plain.train_dataloader())), 0)
+    assert len(views) == 2
+
+
 def test_datamodule_errors_name_what_to_fix() -> None:
     with pytest.raises(ValueError, match=r"batch_size=64 is larger than the 40 training images"):
         make_datamodule(batch_size=64).setup("fit")

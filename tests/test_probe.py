@@ -1,5 +1,6 @@
-"""The online linear probe: learns on detached features, never moves the encoder, skips
-unlabelled rows, lives in the checkpoint and resumes; old checkpoints still load."""
+"""The online linear probe: learns from the clean view (or, without one, from the detached
+augmented features), never moves the encoder, skips unlabelled rows, lives in the checkpoint
+and resumes; old checkpoints still load."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ class SeparablePairs(Dataset[Any]):
         return (self.view_a[index], self.view_b[index]), target
 
 
+class CleanTriples(Dataset[Any]):
+    """Augmented views that are pure noise (no class in them) and a clean view whose mean
+    brightness's sign is the class: only a probe on the clean view can learn the classes."""
+
+    def __init__(self, n: int = 48) -> None:
+        generator = torch.Generator().manual_seed(4)
+        self.targets = torch.arange(n) % 2
+        self.view_a = torch.randn(n, 1, 12, 12, generator=generator)
+        self.view_b = torch.randn(n, 1, 12, 12, generator=generator)
+        base = (2.0 * self.targets - 1.0).view(n, 1, 1, 1).expand(n, 1, 12, 12)
+        self.clean = base + 0.3 * torch.randn(n, 1, 12, 12, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> Any:
+        views = (self.view_a[index], self.view_b[index], self.clean[index])
+        return views, int(self.targets[index])
+
+
 def fit(
     module: MoCoModule,
     tmp_path: Path,
@@ -78,6 +99,46 @@ def test_probe_learns_separable_data_on_clean_features(tmp_path: Path) -> None:
     assert accuracy > 0.95
     assert module._probe_sums is not None  # logged from the decayed sums
     assert float(module._probe_sums[1] / module._probe_sums[2]) > 0.9
+
+
+def test_probe_learns_from_the_clean_view_when_the_batch_has_one(tmp_path: Path) -> None:
+    module = probe_module()
+    data = CleanTriples()
+    logged: dict[str, list[float]] = {}
+    original = module.log
+    module.log = lambda name, value, **kw: (  # type: ignore[method-assign]
+        logged.setdefault(name, []).append(float(value)),
+        original(name, value, **kw),
+    )[1]
+    fit(module, tmp_path, epochs=6, data=data)
+    assert module.probe is not None
+    with torch.no_grad():
+        clean_logits = module.probe(module.clean_features(data.clean))
+        noise_logits = module.probe(module.clean_features(data.view_a))
+    accuracy = (clean_logits.argmax(dim=1) == data.targets).float().mean().item()
+    assert accuracy > 0.95  # the augmented views hold no class: it learnt from the clean ones
+    assert (noise_logits.argmax(dim=1) == data.targets).float().mean().item() < 0.8
+    assert "probe/top1" in logged and "probe/loss" in logged
+    assert not any(name.startswith("probe/aug_") for name in logged)
+    assert logged["probe/top1"][-1] > 0.9
+
+
+def test_clean_features_are_eval_mode_features_and_leave_batchnorm_alone() -> None:
+    module = probe_module(key_bn="split", bn_splits=2)
+    module.train()
+    images = torch.randn(8, 1, 12, 12) * 3 + 1  # far from the running statistics (0, 1)
+    buffers = {k: v.clone() for k, v in module.backbone.state_dict().items()}
+    features = module.clean_features(images)
+    assert module.backbone.training  # the mode is restored
+    for name, value in module.backbone.state_dict().items():  # running stats untouched
+        assert torch.equal(value, buffers[name]), name
+    module.backbone.eval()
+    with torch.no_grad():
+        assert torch.allclose(features, module.backbone(images))
+    module.backbone.train()
+    with torch.no_grad():
+        assert not torch.allclose(features, module.backbone(images), atol=1e-3)  # batch stats
+    assert not features.requires_grad
 
 
 def test_probe_gradients_never_reach_the_encoder(tmp_path: Path) -> None:
@@ -204,10 +265,12 @@ def test_fit_from_the_config_logs_the_probe_and_resumes(
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     logged = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"]}
-    assert len(logged["probe/aug_loss"]) == 8 and len(logged["probe/aug_top1"]) == 8
+    # The data module adds the clean view: the probe learns from it and logs probe/*.
+    assert len(logged["probe/loss"]) == 8 and len(logged["probe/top1"]) == 8
+    assert "probe/aug_top1" not in logged
     assert [e.step for e in logged["probe/val_top1"]] == [4, 8]  # at the end of each fit
     # The resumed fit's projector entry is listed beside the first fit's.
     config = (tmp_path / "tensorboard" / "projector_config.pbtxt").read_text()
     assert config.count("tensor_name:") == 2
     assert '"val_backbone:00004"' in config and '"val_backbone:00008"' in config
-    assert all(0.0 <= e.value <= 1.0 for e in logged["probe/aug_top1"])
+    assert all(0.0 <= e.value <= 1.0 for e in logged["probe/top1"])

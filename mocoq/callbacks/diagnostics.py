@@ -275,7 +275,8 @@ class ViewPairsLogger(pl.Callback):
         writer = tensorboard_writer(trainer) if trainer.is_global_zero else None
         if writer is None:
             return
-        (view_a, view_b), _ = batch
+        views, _ = batch  # (view_a, view_b), or (view_a, view_b, clean) with the online probe
+        view_a, view_b = views[0], views[1]
         count = min(self.num_pairs, view_a.shape[0])
         views = torch.cat([view_a[:count], view_b[:count]]).detach().float().cpu().contiguous()
         images = denormalize(views, _normalization(trainer, self.mean, self.std))

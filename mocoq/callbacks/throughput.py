@@ -33,8 +33,8 @@ class ThroughputMonitor(pl.Callback):
     ) -> None:
         now = time.perf_counter()
         if self._last is not None:
-            (view_a, _), _ = batch
-            self._recent.append((int(view_a.shape[0]) * trainer.world_size, now - self._last))
+            views, _ = batch  # two views, or three with the online probe's clean view
+            self._recent.append((int(views[0].shape[0]) * trainer.world_size, now - self._last))
             images = sum(count for count, _ in self._recent)
             seconds = sum(elapsed for _, elapsed in self._recent)
             pl_module.log("throughput/images_per_s", images / max(seconds, 1e-9))

@@ -65,6 +65,22 @@ class TransformedDataset(Dataset[tuple[Any, int]]):
         return self.transform(image), target
 
 
+class WithCleanView:
+    """A two-view transform plus the clean view: ``image -> (view_a, view_b, clean)``, where
+    ``clean`` is ``clean_transform(image)`` (the un-augmented image the online probe learns
+    from). The clean transform draws nothing, so seeded items stay reproducible."""
+
+    def __init__(
+        self, augment: Callable[[Tensor], Any], clean_transform: Callable[[Tensor], Tensor]
+    ) -> None:
+        self.augment = augment
+        self.clean_transform = clean_transform
+
+    def __call__(self, image: Tensor) -> tuple[Tensor, ...]:
+        """uint8 (C, H, W) -> three float (C, S, S)."""
+        return (*self.augment(image), self.clean_transform(image))
+
+
 class ImageBatch(NamedTuple):
     """A training batch of raw images, augmented on the device by the data module.
 
@@ -126,7 +142,9 @@ class MoCoDataModule(pl.LightningDataModule):
 
     * ``train_dataloader``: batches ``((view_a, view_b), targets)``, each view (N, C, S, S),
       shuffled, ``drop_last`` so every step has the same batch size (with ``augment_on_device``,
-      the views are made on the device, after the batch is moved there).
+      the views are made on the device, after the batch is moved there). With ``clean_view``
+      set, ``((view_a, view_b, clean), targets)``: also the un-augmented image, as the clean
+      loaders make it, for the online probe.
     * ``knn_bank_dataloader`` / ``knn_val_dataloader``: clean (un-augmented) images (N, C, S, S)
       and targets from ``bank_split`` and ``val_split`` for the kNN monitor.
 
@@ -147,6 +165,9 @@ class MoCoDataModule(pl.LightningDataModule):
             (:class:`BatchedMoCoAugmentation`) when the split is in memory (a uint8 ``images``
             tensor, as :class:`mocoq.data.datasets.ArrayImageDataset` has) and ``augment`` is a
             :class:`MoCoAugmentation`; else (or False) each image is augmented in the workers.
+        clean_view: add the clean view (``eval_transform`` of the image) to every training
+            batch, for the online probe (``mocoq.train.build`` sets it from
+            ``model.online_probe``).
     """
 
     def __init__(
@@ -167,6 +188,7 @@ class MoCoDataModule(pl.LightningDataModule):
         eval_resize: int | None = None,
         seed: int = 0,
         augment_on_device: bool = False,
+        clean_view: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -192,6 +214,7 @@ class MoCoDataModule(pl.LightningDataModule):
         self.eval_transform = EvalTransform(image_size, list(mean), list(std), eval_resize)
         self.seed = seed
         self.augment_on_device = augment_on_device
+        self.clean_view = clean_view
         self.batched_augment: BatchedMoCoAugmentation | None = None
         self._splits: dict[str, ImageDataset] = {}
         self._train_sampler: ResumableSampler | None = None
@@ -221,7 +244,8 @@ class MoCoDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader[Any]:
-        """Two augmented views per image: batches ``((view_a, view_b), targets)``.
+        """Two augmented views per image: batches ``((view_a, view_b), targets)`` (and the
+        clean view after them with ``clean_view``).
 
         With ``augment_on_device`` (and an in-memory split) the loader yields batches of raw
         images (:class:`ImageBatch`) instead, from this process, and
@@ -238,7 +262,10 @@ class MoCoDataModule(pl.LightningDataModule):
         if arrays is not None:  # batches of raw images, augmented in on_after_batch_transfer
             dataset, num_workers, collate = InMemoryBatches(*arrays), 0, keep_batch
         else:
-            dataset, num_workers = TransformedDataset(base, self.augment), self.num_workers
+            transform: Callable[[Tensor], Any] = self.augment
+            if self.clean_view:
+                transform = WithCleanView(self.augment, self.eval_transform)
+            dataset, num_workers = TransformedDataset(base, transform), self.num_workers
             collate = None
         sampler = ResumableSampler(len(base), self.batch_size, self.seed)  # type: ignore[arg-type]
         if self._resume_position is not None:  # restored from a checkpoint
@@ -335,11 +362,16 @@ class MoCoDataModule(pl.LightningDataModule):
         :class:`ImageBatch` (uint8 images (N, C, H, W), targets (N,), seed) becomes
         ``((view_a, view_b), targets)`` with views (N, C, S, S), drawn from a generator seeded
         with the batch's seed (a function of the run seed, the epoch and the batch's place in
-        it), so a resumed run draws the same views. Other batches pass through.
+        it), so a resumed run draws the same views. With ``clean_view`` the clean view
+        (``eval_transform`` of the whole batch, (N, C, S, S)) follows the two views. Other batches
+        pass through.
         """
         if isinstance(batch, ImageBatch) and self.batched_augment is not None:
             generator = torch.Generator(device=batch.images.device).manual_seed(batch.seed)
-            return self.batched_augment(batch.images, generator), batch.targets
+            views: tuple[Tensor, ...] = self.batched_augment(batch.images, generator)
+            if self.clean_view:
+                views = (*views, self.eval_transform(batch.images))
+            return views, batch.targets
         return batch
 
     def clean_dataloader(self, split: str) -> DataLoader[Any]:
