@@ -31,6 +31,7 @@ from mocoq.callbacks import KNNMonitor
 from mocoq.data.datamodule import MoCoDataModule
 from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
 from mocoq.module import MoCoModule
+from mocoq.validate import ConfigError, check_resume_checkpoint, validate_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("mocoq")
@@ -55,10 +56,6 @@ def cpu_precision() -> str:
 OmegaConf.register_new_resolver("mocoq.cpu_precision", cpu_precision, replace=True)
 
 
-class ConfigError(ValueError):
-    """A value in the composed config cannot be used; the message names the key to change."""
-
-
 LR_SCALING_RULES = ("linear", "sqrt", "none")
 
 
@@ -76,6 +73,7 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str
 
 def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     """Instantiate the datamodule, the module and the trainer from a composed config."""
+    validate_config(cfg)
     # Built objects are passed to partials, not as instantiate() kwargs: Hydra would turn a
     # dataclass argument (LRSchedule) back into a config node.
     datamodule: MoCoDataModule = instantiate(cfg.dataset, _partial_=True)(
@@ -191,6 +189,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(config)  # type: ignore[arg-type]
     ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt_path is not None:
+        check_resume_checkpoint(ckpt_path, model)
     if cfg.get("init_weights"):
         if ckpt_path is None:
             load_initial_weights(model, str(cfg.init_weights))
