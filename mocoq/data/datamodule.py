@@ -10,10 +10,12 @@ from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from mocoq.data.batched import BatchedMoCoAugmentation
+from mocoq.data.fingerprint import DataChangedWarning, dataset_fingerprint, describe_change
 from mocoq.data.sampling import ResumableLoader, ResumableSampler
 from mocoq.data.transforms import EvalTransform, MoCoAugmentation
 from mocoq.distributed import world_size
@@ -219,6 +221,8 @@ class MoCoDataModule(pl.LightningDataModule):
         self._splits: dict[str, ImageDataset] = {}
         self._train_sampler: ResumableSampler | None = None
         self._resume_position: dict[str, Any] | None = None
+        self._train_fingerprint: dict[str, Any] | None = None  # of the loaded train split
+        self._saved_fingerprint: dict[str, Any] | None = None  # restored, not yet compared
 
     def split(self, name: str) -> ImageDataset:
         """The raw dataset (uint8 images) of one split, loaded once."""
@@ -257,6 +261,7 @@ class MoCoDataModule(pl.LightningDataModule):
         """
         self._check_sampler_not_replaced()
         base = self.split(self.train_split)
+        self._warn_if_data_changed()
         arrays = self._arrays_to_augment_on_device(base)
         dataset: Dataset[Any]
         if arrays is not None:  # batches of raw images, augmented in on_after_batch_transfer
@@ -330,12 +335,49 @@ class MoCoDataModule(pl.LightningDataModule):
             state.update(epoch=state["epoch"] + 1, consumed=0, batches=0)
         return state
 
+    def train_fingerprint(self) -> dict[str, Any] | None:
+        """The training split's :func:`~mocoq.data.fingerprint.dataset_fingerprint`, computed
+        once per process; None until the split is loaded (it is not loaded for this)."""
+        if self._train_fingerprint is None and self.train_split in self._splits:
+            self._train_fingerprint = dataset_fingerprint(self._splits[self.train_split])
+        return self._train_fingerprint
+
     def state_dict(self) -> dict[str, Any]:
+        """``train_position`` (see :meth:`train_position`) and ``train_fingerprint`` (the
+        training data the position refers to), each when known."""
+        state: dict[str, Any] = {}
         position = self.train_position()
-        return {"train_position": position} if position else {}
+        if position:
+            state["train_position"] = position
+        fingerprint = self.train_fingerprint() or self._saved_fingerprint
+        if fingerprint is not None:
+            state["train_fingerprint"] = dict(fingerprint)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the training position; the saved fingerprint is compared with the data
+        when the training loader is built (:meth:`train_dataloader`, which Lightning calls after
+        this on resume). Checkpoints without one (older ones) are not checked."""
         self._resume_position = state_dict.get("train_position")
+        saved = state_dict.get("train_fingerprint")
+        self._saved_fingerprint = dict(saved) if isinstance(saved, dict) else None
+
+    def _warn_if_data_changed(self) -> None:
+        """Warn (:class:`~mocoq.data.fingerprint.DataChangedWarning`, once, from rank 0) when
+        the training split differs from the one the restored checkpoint was written with."""
+        saved, self._saved_fingerprint = self._saved_fingerprint, None
+        current = self.train_fingerprint()
+        if saved is None or current is None:
+            return
+        change = describe_change(saved, current)
+        if change is not None:
+            rank_zero_warn(
+                f"resuming on changed data: {change}. The resumed run continues the "
+                "checkpoint's order and its position within the epoch on the new data, so the "
+                "rest of this epoch may not line up with what was trained (images repeated or "
+                "skipped); training goes on.",
+                category=DataChangedWarning,
+            )
 
     def _check_sampler_not_replaced(self) -> None:
         trainer = self.trainer
