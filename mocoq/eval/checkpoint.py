@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from mocoq.data.datamodule import MoCoDataModule
 from mocoq.data.transforms import EvalTransform
-from mocoq.train import USER_ERRORS, ConfigError, _root_cause
+from mocoq.train import USER_ERRORS, ConfigError, _first_line, _root_cause
 
 EXPORT_FORMAT = "mocoq-backbone"
 EXPORT_FORMAT_VERSION = 1
@@ -47,11 +47,6 @@ ENCODERS = ("query", "key")
 FEATURE_KINDS = ("backbone", "head")
 PRECISIONS = ("32-true", "bf16-mixed")
 RUN_CONFIG = Path(".hydra") / "config.yaml"
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0].strip() if text else type(error).__name__
 
 
 class FeatureExtractor(nn.Module):
