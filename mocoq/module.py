@@ -40,6 +40,14 @@ labelled rows of recent steps (weight 0.9 per step: about the last 10 steps), so
 labels leaves them where they were instead of logging a 0."""
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class NonFiniteError(RuntimeError):
+    """A training step produced a non-finite value; the message names the step and the
+    quantity, and says that the step's update was not applied."""
+
+
 def channels_last_unsafe_convs(module: nn.Module) -> list[str]:
     """Names of the convolutions in ``module`` whose weight gradient oneDNN gets wrong on the CPU
     in channels-last layout: 1x1 kernel, stride > 1, fewer than 8 input channels.
@@ -59,6 +67,31 @@ def channels_last_unsafe_convs(module: nn.Module) -> list[str]:
         and max(layer.stride) > 1
         and layer.in_channels < 8
     ]
+
+
+def repair_epoch_progress(checkpoint: dict[str, Any]) -> bool:
+    """Make the fit loop's epoch counters of a mid-epoch checkpoint say that its epoch started.
+
+    Lightning 2.6, resumed from a checkpoint written after the LAST batch of an epoch, does not
+    count the next epoch as started. A checkpoint written later in that epoch then has batch
+    progress in the epoch (``epoch_loop.batch_progress``) but epoch counters that say no epoch
+    is running (``ready == processed``), and resuming from it restarts the epoch from its first
+    batch while the data continue from the saved position: extra steps, and a run that no
+    longer matches an uninterrupted one. The fix puts the counters in the form Lightning writes
+    for any other mid-epoch checkpoint (``ready == started == processed + 1``). Returns whether
+    the checkpoint needed it."""
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or "epoch_progress" not in fit:
+        return False
+    batches = fit.get("epoch_loop.batch_progress", {})
+    in_epoch = batches.get("current", {}).get("ready", 0) > 0 and not batches.get("is_last_batch")
+    epochs = fit["epoch_progress"]
+    total = epochs.get("total", {})
+    if not in_epoch or total.get("ready") != total.get("processed"):
+        return False
+    for counters in (epochs["total"], epochs["current"]):
+        counters["ready"] = counters["started"] = counters["processed"] + 1
+    return True
 
 
 class MoCoModule(pl.LightningModule):
@@ -126,6 +159,16 @@ class MoCoModule(pl.LightningModule):
             checkpoints are those of a run without it).
         probe_num_classes: the probe's number of classes (labels must lie in [0, classes)).
         probe_lr: the probe's learning rate; None uses the optimizer's (the encoder's).
+        on_nonfinite: what a step with a non-finite loss, key or gradient does. Every step is
+            checked (one host-device synchronisation for the loss and keys, before the keys
+            are enqueued, and one for the gradients, before the optimizer step). The step's
+            update is never applied: no optimizer step, no EMA update, no enqueue. ``stop``
+            (default) then raises :class:`NonFiniteError` naming the step and the first
+            non-finite quantity (input views, weights, features, projections, keys, queue,
+            logits, loss, gradients); the last checkpoint is left as it was. ``skip`` goes on
+            with the next batch (the step counter still advances), up to
+            ``max_nonfinite_skips`` such steps in the run, then stops as ``stop`` does.
+        max_nonfinite_skips: the number of steps ``skip`` may leave out in a run.
     """
 
     def __init__(
@@ -146,8 +189,16 @@ class MoCoModule(pl.LightningModule):
         online_probe: bool = False,
         probe_num_classes: int = 10,
         probe_lr: float | None = None,
+        on_nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ) -> None:
         super().__init__()
+        if on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"model.on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}"
+            )
+        if max_nonfinite_skips < 0:
+            raise ValueError(f"model.max_nonfinite_skips must be >= 0, got {max_nonfinite_skips}")
         if temperature <= 0:
             raise ValueError(f"model.temperature must be positive, got {temperature}")
         if not 0.0 <= ema_momentum <= 1.0:
@@ -194,6 +245,11 @@ class MoCoModule(pl.LightningModule):
         self._probe_labels_checked = False
         self.capture_step_outputs = False
         self.step_outputs: StepOutputs | None = None
+        self.on_nonfinite = on_nonfinite
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0  # steps left out so far in the run (checkpointed)
+        self._skip_update = False  # this step's update must not be applied
+        self._buffer_backup: list[Tensor] | None = None  # buffers at the step's start
 
     def setup(self, stage: str) -> None:
         """Resolve ``key_bn`` for the number of ranks and convert BatchNorm layers to match.
@@ -348,6 +404,7 @@ class MoCoModule(pl.LightningModule):
         views, targets = batch
         view_a, view_b = views[0], views[1]
         clean = views[2] if len(views) > 2 else None
+        self._snapshot_buffers()  # BatchNorm statistics, put back if this step is left out
         self.check_batch_fits(view_a.shape[0], world_size())
         # The queue as it was before this step; cloned because the enqueue below writes in place
         # while autograd still needs these values for the backward pass.
@@ -369,20 +426,143 @@ class MoCoModule(pl.LightningModule):
             if self.capture_step_outputs:
                 queries, keys = torch.cat([query_a, query_b]), new_keys  # (2N, D) each
                 features = torch.cat([features_a, features_b])  # (2N, F)
-        # One global queue: every rank enqueues every rank's keys, in rank order.
-        self.queue.enqueue(concat_all_gather(new_keys))
-        if self.capture_step_outputs:
-            self.step_outputs = StepOutputs(
-                queries.detach(), keys.detach(), logits.detach(), features.detach()
-            )
         total = loss
         probe_sums = None
         if self.probe is not None:
             probe_features = features_a.detach() if clean is None else self.clean_features(clean)
             probe_loss, probe_sums = self._probe_step(probe_features, targets)
             total = loss + probe_loss  # the probe's gradient stops at the detached features
+        self._skip_update = False
+        if not self._step_is_finite(total, new_keys):
+            named = {
+                "the input views": torch.stack([view_a.float().sum(), view_b.float().sum()]),
+                "the query encoder's weights": self._parameter_sum(self.backbone, self.head),
+                "the key encoder's weights": self._parameter_sum(self.key_backbone, self.key_head),
+                "the query backbone's features": features_a,
+                "the query projections": query_a,
+                "the keys": new_keys,
+                "the queue": negatives,
+                "the logits": logits,
+                "the loss": loss,
+                "the online probe's loss": total,
+            }
+            return self._nonfinite_step(named, float(total.detach().float()))
+        # One global queue: every rank enqueues every rank's keys, in rank order.
+        self.queue.enqueue(concat_all_gather(new_keys))
+        if self.capture_step_outputs:
+            self.step_outputs = StepOutputs(
+                queries.detach(), keys.detach(), logits.detach(), features.detach()
+            )
         self._log_step(loss, logits.detach(), probe_sums, clean_probe=clean is not None)
         return total
+
+    # --- non-finite steps ------------------------------------------------------------------
+    def _step_is_finite(self, total: Tensor, keys: Tensor) -> bool:
+        """Whether the loss (scalar) and the keys (N, D) are finite on every rank (one
+        host-device synchronisation; under DDP one all-reduce, so all ranks agree)."""
+        finite = (torch.isfinite(total.detach()) & torch.isfinite(keys).all()).float()
+        if world_size() > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _encoder_buffers(self) -> list[Tensor]:
+        """The running statistics of every encoder (BatchNorm means, variances, counts)."""
+        modules = (self.backbone, self.head, self.key_backbone, self.key_head)
+        return [b for m in modules for b in m.buffers()]
+
+    @torch.no_grad()
+    def _snapshot_buffers(self) -> None:
+        """Copy the encoders' buffers (one fused copy; a few thousand numbers for a ResNet)."""
+        buffers = self._encoder_buffers()
+        backup = self._buffer_backup
+        if (
+            backup is None
+            or len(backup) != len(buffers)
+            or any(
+                a.shape != b.shape or a.device != b.device
+                for a, b in zip(backup, buffers, strict=True)
+            )
+        ):
+            self._buffer_backup = [b.clone() for b in buffers]
+        elif buffers:
+            torch._foreach_copy_(backup, buffers)
+
+    @torch.no_grad()
+    def _restore_buffers(self) -> None:
+        """Put back the buffers of the step's start: a left-out step's forward passes (in
+        training mode, which updates BatchNorm's running statistics) leave no trace."""
+        backup = self._buffer_backup
+        buffers = self._encoder_buffers()
+        if backup is not None and len(backup) == len(buffers) and buffers:
+            torch._foreach_copy_(buffers, backup)
+
+    @staticmethod
+    def _parameter_sum(*modules: nn.Module) -> Tensor:
+        """A scalar that is finite only if every parameter of ``modules`` is."""
+        return torch.stack(
+            [p.detach().float().sum() for m in modules for p in m.parameters()]
+        ).sum()
+
+    def _nonfinite_step(self, named: dict[str, Tensor], value: float) -> Tensor:
+        """Leave this step's update out (or stop): ``named`` maps quantities, in the order
+        they are computed, to tensors; the first non-finite one is reported. Returns a zero
+        loss that reaches every trainable parameter, so that the backward pass (and DDP's
+        gradient all-reduce) runs as usual; :meth:`on_before_optimizer_step` then drops the
+        gradients, and :meth:`optimizer_step` skips the optimizer and the EMA."""
+        culprit = next(
+            (name for name, t in named.items() if not bool(torch.isfinite(t.detach()).all())),
+            "a value inside the step",
+        )
+        self._handle_nonfinite(f"{culprit} went non-finite (the loss is {value})")
+        zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
+        return zero if isinstance(zero, Tensor) else torch.zeros((), device=self.device)
+
+    def _handle_nonfinite(self, what: str) -> None:
+        """Raise :class:`NonFiniteError` (``stop``, or ``skip`` past its budget), else warn and
+        mark the step's update to be left out (and put the encoders' buffers back)."""
+        self._skip_update = True
+        self._restore_buffers()
+        step = self.global_step
+        if self.on_nonfinite == "skip" and self.nonfinite_skips < self.max_nonfinite_skips:
+            self.nonfinite_skips += 1
+            rank_zero_warn(
+                f"step {step}: {what}; the step's update was left out (model.on_nonfinite=skip: "
+                f"{self.nonfinite_skips} of at most {self.max_nonfinite_skips} so far)"
+            )
+            return
+        budget = (
+            f" {self.nonfinite_skips} steps were already left out, the most "
+            "model.max_nonfinite_skips allows;"
+            if self.on_nonfinite == "skip"
+            else ""
+        )
+        raise NonFiniteError(
+            f"step {step}: {what}; the step's update was not applied and the run stopped;"
+            f"{budget} the last checkpoint is as it was. Resume it (resume=<run dir>) with a "
+            "lower optim.lr, trainer.precision=32-true or trainer.gradient_clip_val, or set "
+            "model.on_nonfinite=skip to leave such steps out"
+        )
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Check the gradients (one synchronisation; they are the same on every rank after
+        DDP's all-reduce) and drop them all for a step whose update is left out."""
+        if not self._skip_update:
+            grads = [
+                p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None
+            ]
+            if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                names = {id(p): n for n, p in self.named_parameters()}
+                first = next(
+                    names.get(id(p), "?")
+                    for g in optimizer.param_groups
+                    for p in g["params"]
+                    if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                )
+                self._handle_nonfinite(f"the gradient of {first} went non-finite")
+        if self._skip_update:
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None  # the optimizer leaves parameters without one alone
 
     @torch.no_grad()
     def clean_features(self, images: Tensor) -> Tensor:
@@ -473,8 +653,13 @@ class MoCoModule(pl.LightningModule):
         )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step the optimizer, then move the key encoder once (safe under accumulation)."""
+        """Step the optimizer, then move the key encoder once (safe under accumulation). A
+        step whose update is left out (non-finite) runs the optimizer on no gradients, which
+        changes nothing, and skips the EMA."""
         super().optimizer_step(*args, **kwargs)
+        if self._skip_update:
+            self._skip_update = False
+            return
         momentum = self.current_ema_momentum()
         ema_update(self.backbone, self.key_backbone, momentum)
         ema_update(self.head, self.key_head, momentum)
@@ -507,10 +692,16 @@ class MoCoModule(pl.LightningModule):
             f"{configured[0]:.4g} (global batch or lr changed)"
         )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the count of steps left out as non-finite, so the budget spans resumes."""
+        checkpoint["mocoq_nonfinite_skips"] = self.nonfinite_skips
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a run with the online probe switched on or off: the optimizer's
         parameter groups would not match. (Loading weights alone, e.g. ``init_weights``, works
         either way: see :meth:`_load_from_state_dict`.)"""
+        self.nonfinite_skips = int(checkpoint.get("mocoq_nonfinite_skips", 0))
+        repair_epoch_progress(checkpoint)
         if self._trainer is None or "optimizer_states" not in checkpoint:
             return
         had_probe = any(k.startswith("probe.") for k in checkpoint.get("state_dict", {}))

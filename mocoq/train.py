@@ -22,16 +22,24 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mocoq.callbacks import KNNMonitor
+from mocoq.callbacks import KNNMonitor, PreemptionCheckpoint
+from mocoq.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from mocoq.data.datamodule import MoCoDataModule
 from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
-from mocoq.module import MoCoModule
-from mocoq.validate import ConfigError, check_resume_checkpoint, validate_config
+from mocoq.module import MoCoModule, NonFiniteError
+from mocoq.validate import (
+    ConfigError,
+    check_output_dir_arguments,
+    check_resume_checkpoint,
+    validate_config,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("mocoq")
@@ -84,7 +92,9 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True)(
-        callbacks=callbacks, logger=loggers or False
+        callbacks=callbacks,
+        logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],  # a checkpoint is whole or absent, never half-written
     )
     optimizer_overrides = {}
     if "lr" in cfg.optim:
@@ -185,18 +195,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     datamodule.setup("fit")  # fail on missing data before any output is written
+    ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
+    if ckpt_path is not None:  # before the loggers touch the run's files
+        check_resume_checkpoint(ckpt_path, model)
     config = OmegaConf.to_container(cfg, resolve=True)  # resolved once, logged at start and end
     for logger in trainer.loggers:
         logger.log_hyperparams(config)  # type: ignore[arg-type]
-    ckpt_path = _resolve_ckpt_path(cfg.get("ckpt_path"), run_dir)
-    if ckpt_path is not None:
-        check_resume_checkpoint(ckpt_path, model)
     if cfg.get("init_weights"):
         if ckpt_path is None:
             load_initial_weights(model, str(cfg.init_weights))
         else:  # e.g. a requeued job: the checkpoint continues the run init_weights started
             log.info("resuming %s: init_weights is not applied again", ckpt_path)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)  # type: ignore[attr-defined]
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning stops on SIGTERM once the step is done
+        # Under SLURM the job must end as stopped, not as done: it has been requeued (or will
+        # be), and its launcher must not record a result for it.
+        if preemption is None or preemption.saved is None or SLURMEnvironment.detect():
+            raise
+    if preemption is not None and preemption.saved is not None:
+        return _preempted(preemption, run_dir, trainer)
 
     monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]
     summary: dict[str, Any] = {
@@ -224,6 +243,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary))
+    return summary
+
+
+def _preempted(
+    preemption: PreemptionCheckpoint, run_dir: Path, trainer: pl.Trainer
+) -> dict[str, Any]:
+    """The summary of a run stopped by a signal: where its checkpoint is and how to go on."""
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoint": str(preemption.saved),
+        "epochs": trainer.current_epoch,
+        "steps": preemption.step,
+        "stopped_by": preemption.signal_name,
+    }
+    if trainer.is_global_zero:
+        print(
+            f"\nStopped by {preemption.signal_name} after step {preemption.step}: saved "
+            f"{preemption.saved}\nContinue with: mocoq-train resume={run_dir}"
+        )
     return summary
 
 
@@ -267,6 +305,21 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _first_line(error: BaseException) -> str:
+    """The line a user needs from an error's message. An error raised in a data-loading worker
+    arrives as "Caught <Error> in DataLoader worker process N. Original Traceback ...": its own
+    message is the last line of that text, after "<Error>: "."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__
+    lines = [line.strip() for line in text.splitlines()]
+    if lines[0].startswith("Caught ") and "Original Traceback" in text:
+        last = lines[-1].strip()
+        name = type(error).__name__
+        return last[len(name) + 2 :] if last.startswith(f"{name}: ") else last
+    return lines[0]
+
+
 def _root_cause(error: BaseException) -> BaseException:
     while isinstance(error, InstantiationException) and error.__cause__ is not None:
         error = error.__cause__
@@ -276,6 +329,8 @@ def _root_cause(error: BaseException) -> BaseException:
 # Errors that mean "change your command or your files", shown as one line without a traceback.
 USER_ERRORS = (
     ValueError,
+    NonFiniteError,  # the run stopped at a non-finite step: the message says what to change
+    CheckpointWriteError,  # a full disk or an unwritable folder: the message says which
     FileNotFoundError,
     NotADirectoryError,
     MissingMandatoryValue,
@@ -320,12 +375,27 @@ def resume_arguments(arguments: list[str]) -> list[str]:
 
 def main() -> None:
     """Entry point of ``mocoq-train``: Hydra overrides, plus ``resume=<run dir>``."""
+    arguments = sys.argv[1:]
     try:
-        sys.argv[1:] = resume_arguments(sys.argv[1:])
+        sys.argv[1:] = resume_arguments(arguments)
+        check_output_dir_arguments(sys.argv[1:])  # Hydra creates the run directory first
     except ConfigError as error:
         print(f"mocoq-train: error: {error}", file=sys.stderr)
         sys.exit(2)
-    _main()
+    # Hydra rewrites <run dir>/.hydra/*.yaml before the run starts: a refused resume must not
+    # leave its overrides there for the next resume= to replay.
+    resumed = [a.split("=", 1)[1] for a in arguments if a.startswith("resume=")]
+    saved = {}
+    if resumed:
+        hydra_dir = Path(resumed[-1]).expanduser() / ".hydra"
+        saved = {path: path.read_bytes() for path in hydra_dir.glob("*.yaml")}
+    try:
+        _main()
+    except SystemExit as exit:
+        if exit.code not in (0, None):
+            for path, content in saved.items():
+                path.write_bytes(content)
+        raise
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -339,7 +409,7 @@ def _main(cfg: DictConfig) -> None:
             cause, (OmegaConfBaseException, *USER_ERRORS)
         ):
             raise
-        message = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        message = _first_line(cause)
         print(
             f"mocoq-train: error: {message}\n(set HYDRA_FULL_ERROR=1 for the traceback)",
             file=sys.stderr,

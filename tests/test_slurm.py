@@ -353,9 +353,13 @@ def test_a_job_signalled_before_its_time_limit_is_checkpointed_requeued_once_and
     task_output = read_log(task_log)
     assert "Bypassing signal SIGTERM" in task_output
     assert "Requeued job" not in task_output  # submitit's message when it requeues
-    # The requeued job ran in the same run directory, from the hpc checkpoint, to the end.
+    # The SIGTERM that ended the first start also saved the step it interrupted (mocoq's
+    # PreemptionCheckpoint), one step after the hpc checkpoint.
+    assert f"SIGTERM received: step {signal_at + 1} saved to {run_dir}/checkpoints" in task_output
+    # The requeued job ran in the same run directory, from the newer of the two, to the end.
     assert [p.name for p in sweep_dir.iterdir() if p.is_dir() and p.name != ".submitit"] == ["0"]
-    assert f"Restoring states from the checkpoint path at {run_dir}/hpc_ckpt_1.ckpt" in task_output
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert f"Restoring states from the checkpoint path at {last}" in task_output
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["run_dir"] == str(run_dir)
     assert summary["steps"] == steps

@@ -1,4 +1,4 @@
-"""Callbacks that watch a MoCo run without changing it."""
+"""Callbacks that watch a MoCo run, and the one that saves it when it is stopped."""
 
 from mocoq.callbacks.diagnostics import (
     EmbeddingProjector,
@@ -7,11 +7,13 @@ from mocoq.callbacks.diagnostics import (
     ViewPairsLogger,
 )
 from mocoq.callbacks.knn_monitor import KNNMonitor
+from mocoq.callbacks.preemption import PreemptionCheckpoint
 from mocoq.callbacks.throughput import ThroughputMonitor
 
 __all__ = [
     "EmbeddingProjector",
     "KNNMonitor",
+    "PreemptionCheckpoint",
     "ThroughputMonitor",
     "TimeBreakdown",
     "TrainingDiagnostics",
