@@ -472,17 +472,11 @@ class MoCoModule(pl.LightningModule):
 
     @torch.no_grad()
     def _snapshot_buffers(self) -> None:
-        """Copy the encoders' buffers (one fused copy; a few thousand numbers for a ResNet)."""
+        """Copy the encoders' buffers (one fused copy; a few thousand numbers for a ResNet).
+        The copies are made at the first step, on the device training runs on."""
         buffers = self._encoder_buffers()
         backup = self._buffer_backup
-        if (
-            backup is None
-            or len(backup) != len(buffers)
-            or any(
-                a.shape != b.shape or a.device != b.device
-                for a, b in zip(backup, buffers, strict=True)
-            )
-        ):
+        if backup is None or len(backup) != len(buffers):
             self._buffer_backup = [b.clone() for b in buffers]
         elif buffers:
             torch._foreach_copy_(backup, buffers)
