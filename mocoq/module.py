@@ -505,7 +505,7 @@ class MoCoModule(pl.LightningModule):
         gradients, and :meth:`optimizer_step` skips the optimizer and the EMA."""
         culprit = next(
             (name for name, t in named.items() if not bool(torch.isfinite(t.detach()).all())),
-            "a value inside the step",
+            "a value on another rank" if world_size() > 1 else "a value inside the step",
         )
         self._handle_nonfinite(f"{culprit} went non-finite (the loss is {value})")
         zero = sum(p.sum() * 0.0 for p in self.parameters() if p.requires_grad)
