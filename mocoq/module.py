@@ -53,8 +53,9 @@ def channels_last_unsafe_convs(module: nn.Module) -> list[str]:
     in channels-last layout: 1x1 kernel, stride > 1, fewer than 8 input channels.
 
     In torch 2.14's CPU build (oneDNN's AVX2 1x1 backward-weights kernel, seen on AMD EPYC Zen 3)
-    such a convolution's weight gradient is wrong by up to 50x, or the call never returns, or
-    the process crashes; the forward pass and the input gradient are right, and NCHW is right.
+    such a convolution's weight gradient is wrong (absolute errors up to 50 in a 16-image test),
+    or the call never returns, or the process crashes; the forward pass and the input gradient
+    are right, and NCHW is right.
     ``torch.compile``'s inductor lays CPU convolutions out channels-last itself, so it hits the
     same kernel. Such layers only occur in very narrow networks (ResNet downsampling from fewer
     than 8 channels); a CPU run with one keeps NCHW and stays uncompiled.
