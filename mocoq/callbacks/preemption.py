@@ -32,8 +32,9 @@ class PreemptionCheckpoint(pl.Callback):
 
     Under SLURM Lightning owns SIGUSR1 (it saves ``hpc_ckpt_<N>.ckpt`` and requeues the job);
     this callback then acts on SIGTERM only, and ``ckpt_path=last`` takes the newer of the two
-    checkpoints. Under DDP the ranks agree through one small all-reduce per step, so that all of
-    them save and stop at the same step.
+    checkpoints. Under DDP the ranks agree through one small all-reduce every
+    ``ddp_sync_every_n_steps`` steps (not every step: it is a host-device synchronisation), so
+    that all of them save and stop at the same step; a stop then waits at most that many steps.
 
     Attributes:
         saved: the checkpoint written on a signal, or None.
@@ -41,11 +42,16 @@ class PreemptionCheckpoint(pl.Callback):
         step: the global step the checkpoint holds.
     """
 
-    def __init__(self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")) -> None:
+    def __init__(
+        self, signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1"), ddp_sync_every_n_steps: int = 10
+    ) -> None:
         unknown = [name for name in signals if not hasattr(signal, name)]
         if unknown:
             raise ValueError(f"unknown signal names {unknown}: use e.g. SIGTERM, SIGUSR1")
+        if ddp_sync_every_n_steps < 1:
+            raise ValueError(f"ddp_sync_every_n_steps must be >= 1, got {ddp_sync_every_n_steps}")
         self.signals = tuple(signals)
+        self.ddp_sync_every_n_steps = ddp_sync_every_n_steps
         self.saved: Path | None = None
         self.signal_name: str | None = None
         self.step: int | None = None
@@ -91,6 +97,8 @@ class PreemptionCheckpoint(pl.Callback):
             return
         requested = self._requested is not None or bool(trainer.received_sigterm)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            if trainer.global_step % self.ddp_sync_every_n_steps:
+                return  # every rank skips the same steps: they all reach the same all-reduces
             flag = torch.tensor([float(requested)], device=pl_module.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             requested = bool(flag.item())
