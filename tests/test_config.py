@@ -19,8 +19,12 @@ from mocoq.train import CONFIG_DIR, build, scaled_lr
 
 CONF = Path(CONFIG_DIR)
 # conf/hydra/ holds options of Hydra's own groups, composed in their own tests.
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+# conf/linear_protocol/ belongs to mocoq-linear (tests/test_recipes.py).
+GROUPS = sorted(
+    p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "linear_protocol")
+)
 HYDRA_OPTIONS = {"hydra/launcher/slurm.yaml"}  # tests/test_slurm.py
+LINEAR_OPTIONS = {"linear_protocol/moco_imagenet.yaml"}  # tests/test_recipes.py
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF / group).glob("*.yaml"))]
 # What a CPU-only test machine must change to instantiate a GPU config (the rest is as written).
 ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
@@ -29,7 +33,7 @@ ON_CPU = ["trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devic
 def test_every_config_file_belongs_to_a_tested_group() -> None:
     files = {p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml")}
     covered = {f"{group}/{option}.yaml" for group, option in OPTIONS} | {"train.yaml"}
-    covered |= HYDRA_OPTIONS
+    covered |= HYDRA_OPTIONS | LINEAR_OPTIONS
     covered |= {
         "knn.yaml",
         "linear.yaml",
@@ -97,31 +101,6 @@ def test_methods_set_head_temperature_symmetry_and_augmentation(
     assert cfg.model.temperature == temperature
     assert cfg.model.symmetric is symmetric
     assert cfg.augment.jitter_prob == jitter_prob
-
-
-def test_cifar10_demo_recipe(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg("experiment=mocov2_r18_cifar10_200ep", tiny=False)
-    assert cfg.dataset.batch_size == 512 and cfg.model.queue_size == 4096
-    assert cfg.model.ema_momentum == 0.99 and cfg.model.temperature == 0.1
-    assert cfg.optim.lr == 0.06 and cfg.optim.weight_decay == 5e-4 and cfg.optim.momentum == 0.9
-    assert cfg.schedule.kind == "cosine" and cfg.trainer.max_epochs == 200
-    assert cfg.model.key_bn == "split" and cfg.model.bn_splits == 8
-    assert cfg.backbone.name == "resnet18" and cfg.backbone.small_image_stem is True
-    assert cfg.augment.blur_prob == 0.0 and cfg.model.symmetric is False
-    assert cfg.callbacks.knn.k == 200 and cfg.callbacks.knn.temperature == 0.1
-    symmetric = make_cfg("experiment=mocov2plus_r18_cifar10_800ep", tiny=False)
-    assert symmetric.model.symmetric is True and symmetric.trainer.max_epochs == 800
-    assert symmetric.augment.blur_prob == 0.0 and symmetric.model.queue_size == 4096
-
-
-def test_imagenet_v2_recipe(make_cfg: Callable[..., DictConfig]) -> None:
-    cfg = make_cfg("experiment=mocov2_r50_imagenet_200ep", tiny=False)
-    assert cfg.dataset.batch_size * cfg.trainer.devices == 256
-    assert cfg.model.queue_size == 65536 and cfg.model.ema_momentum == 0.999
-    assert cfg.model.temperature == 0.2 and cfg.optim.lr == 0.03
-    assert cfg.optim.weight_decay == 1e-4 and cfg.schedule.kind == "cosine"
-    assert cfg.trainer.max_epochs == 200 and cfg.backbone.name == "resnet50"
-    assert cfg.head.num_layers == 2 and cfg.augment.blur_prob == 0.5
 
 
 def test_command_line_augment_beats_the_method_default(make_cfg: Callable[..., DictConfig]) -> None:
