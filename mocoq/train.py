@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         else:  # e.g. a requeued job: the checkpoint continues the run init_weights started
             log.info("resuming %s: init_weights is not applied again", ckpt_path)
     preemption = next((c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)), None)  # type: ignore[attr-defined]
+    started = time.perf_counter()
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning stops on SIGTERM once the step is done
@@ -223,6 +225,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
+        # trainer.fit's wall time: training, the kNN monitor's evaluations and checkpointing
+        # (this process's part of the run when it was resumed)
+        "fit_seconds": round(time.perf_counter() - started, 1),
         "dataset": {"bank": datamodule.bank_split, "queries": datamodule.val_split},
     }
     if monitor is not None:
