@@ -10,10 +10,10 @@ ARGS       ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup data train test lint tb bench plot clean
+.PHONY: help setup data train test lint tb bench peer baselines plot clean
 
 help: ## List the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-6s %s\n", $$1, $$2}'
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 setup: $(BIN)/.installed ## Create .venv and install torch, mocoq and the dev tools
 
@@ -43,11 +43,16 @@ lint: setup ## ruff (lint + format check) and mypy
 tb: setup ## Open TensorBoard on every run under outputs/
 	$(BIN)/tensorboard --logdir outputs
 
-# lightly is installed for the comparison only, never as a mocoq dependency; the torch pins on
-# the same command keep pip from replacing the installed torch. docs/benchmarks.md has the numbers.
-bench: setup data ## Speed benchmarks vs a supervised step and lightly (installs lightly; ARGS=...)
-	$(BIN)/python -m pip install --quiet lightly $(TORCH_SPEC)
+# lightly (the peer) comes with the dev extra, never as a mocoq dependency.
+# docs/benchmarks.md and docs/results.md have the numbers.
+bench: setup data ## Speed benchmarks vs a supervised step and lightly (ARGS=...)
 	$(BIN)/python scripts/bench.py $(ARGS)
+
+peer: setup data ## mocoq against lightly's MoCo on one recipe, kNN over seeds (ARGS=...)
+	$(BIN)/python scripts/peer_lightly.py $(ARGS)
+
+baselines: setup data ## Raw-pixel, random-init and supervised baselines of a run (ARGS="--run <dir>")
+	$(BIN)/python scripts/baselines.py $(ARGS)
 
 plot: setup ## Plot a run's TensorBoard scalars to <RUN>/run.png (RUN=<run dir>, ARGS=...)
 	$(BIN)/python scripts/plot_run.py $(RUN) $(ARGS)

@@ -540,12 +540,21 @@ def _precision_of(cfg: DictConfig) -> str:
 
 
 class PILImages(Dataset[tuple[Any, int]]):
-    """Fashion-MNIST items as ``torchvision.datasets.FashionMNIST`` serves them: a mode-L PIL
-    image through ``transform``, and the label (the files are read with mocoq's loader: the
-    Debian package's layout is not torchvision's)."""
+    """In-memory images as torchvision's datasets serve them: a PIL image (mode L for one
+    channel, as ``torchvision.datasets.FashionMNIST``; RGB for three, as ``CIFAR10``) through
+    ``transform``, and the label. The files are read with mocoq's loader (the Debian package's
+    layout is not torchvision's).
+
+    Args:
+        images: uint8 (N, C, H, W) with C = 1 or 3.
+        targets: (N,).
+    """
 
     def __init__(self, images: Tensor, targets: Tensor, transform: Callable[[Any], Any]) -> None:
-        self.images = images[:, 0].numpy()  # (N, H, W) uint8
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"PIL images need 1 or 3 channels, got {images.shape[1]}")
+        # (N, H, W) for mode L, (N, H, W, 3) for RGB
+        self.images = (images[:, 0] if images.shape[1] == 1 else images.permute(0, 2, 3, 1)).numpy()
         self.targets = targets
         self.transform = transform
 
@@ -555,7 +564,7 @@ class PILImages(Dataset[tuple[Any, int]]):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         from PIL import Image
 
-        image = Image.fromarray(self.images[index])  # 2-D uint8 -> mode "L"
+        image = Image.fromarray(self.images[index])  # (H, W) -> mode "L", (H, W, 3) -> "RGB"
         return self.transform(image), int(self.targets[index])
 
 

@@ -1,0 +1,358 @@
+"""mocoq against lightly's MoCo on the same data, backbone, augmentation, queue, batch, epochs
+and precision, both evaluated with mocoq's kNN protocol.
+
+For each seed:
+
+- **mocoq**: ``mocoq-train`` with the recipe (``--experiment``), ``--override``s, the seed and
+  ``--epochs``; its kNN monitor is off (``~callbacks.knn``), so its fit time is training only.
+- **lightly**: lightly's MoCo (from PyPI) written as its example
+  ``examples/pytorch_lightning/moco.py`` writes it (``MoCoProjectionHead``, ``NTXentLoss`` with a
+  memory bank, ``update_momentum``, a momentum copy without gradients, plain BatchNorm, no batch
+  shuffle), with lightly's ``MoCoV2Transform`` on PIL images in ``dataset.num_workers`` loader
+  workers, ``pl.Trainer.fit``. Everything else is mocoq's config: the backbone (a fresh one of
+  the same class and seed), head sizes, temperature, EMA momentum (constant), queue size, SGD and
+  its learning rate (scaled to the batch), the per-step cosine schedule, batch, epochs,
+  precision and memory layout, and the transform's parameters (crop area, jitter strengths and
+  probability, grayscale, blur probability and sigmas, flip, normalisation).
+
+Both encoders are then evaluated by the same code (``scripts/baselines.py``'s ``knn_results``):
+query backbone features of the clean bank split and the clean val split, cosine weighted kNN
+for each ``--k`` at ``--temperature``. With ``--equal-time``, lightly is trained again for the
+whole epochs that fit in mocoq's fit time (its schedule sized for them) and evaluated the same
+way: the comparison at equal wall time.
+
+Usage::
+
+    make peer ARGS="--experiment fmnist_cpu_30min --epochs 2 --seeds 0 1 --equal-time"
+    .venv/bin/python scripts/peer_lightly.py --help
+
+lightly is not a mocoq dependency; the dev extra (``make setup``) installs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from mocoq.data.datasets import ArrayImageDataset
+from mocoq.eval.checkpoint import load_run_config
+from mocoq.eval.features import KNNResult
+from mocoq.module import channels_last_unsafe_convs
+from mocoq.train import scaled_lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from baselines import clean_datamodule, compose_recipe, knn_results, load_split  # scripts/
+from bench import LightlyMoCo, PILImages, lightly_missing, machine_info, quiet_lightning
+
+
+class ScheduledLightlyMoCo(LightlyMoCo):
+    """lightly's example module with mocoq's per-step cosine learning-rate schedule (to 0, no
+    warmup), so that the two runs differ only in the framework."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def lightly_transform(cfg: DictConfig) -> Any:
+    """lightly's ``MoCoV2Transform`` with the parameters of the config's augmentation."""
+    from lightly.transforms.moco_transform import MoCoV2Transform
+
+    augment = cfg.augment
+    brightness, contrast, saturation, hue = (float(x) for x in augment.jitter)
+    return MoCoV2Transform(
+        input_size=int(cfg.dataset.image_size),
+        cj_prob=float(augment.jitter_prob),
+        cj_strength=1.0,
+        cj_bright=brightness,
+        cj_contrast=contrast,
+        cj_sat=saturation,
+        cj_hue=hue,
+        min_scale=float(augment.crop_scale[0]),
+        random_gray_scale=float(augment.grayscale_prob),
+        gaussian_blur=float(augment.blur_prob),
+        sigmas=(float(augment.blur_sigma[0]), float(augment.blur_sigma[1])),
+        hf_prob=float(augment.flip_prob),
+        vf_prob=0.0,
+        rr_prob=0.0,
+        normalize={"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)},
+    )
+
+
+def _layout(cfg: DictConfig, backbone: nn.Module) -> bool:
+    """mocoq's channels-last decision for the backbone (not for layers oneDNN gets wrong)."""
+    return bool(cfg.model.get("channels_last", False)) and not channels_last_unsafe_convs(backbone)
+
+
+def train_lightly(
+    cfg: DictConfig, epochs: int, seed: int, root: Path
+) -> tuple[nn.Module, dict[str, Any]]:
+    """lightly's MoCo trained on the config's training split; its query backbone and timings."""
+    datamodule = clean_datamodule(cfg)
+    train = datamodule.split(datamodule.train_split)
+    if not isinstance(train, ArrayImageDataset):
+        raise SystemExit(
+            "error: the peer comparison needs an in-memory dataset (Fashion-MNIST, CIFAR)"
+        )
+    batch = int(cfg.dataset.batch_size)
+    loader = DataLoader(
+        PILImages(train.images, train.targets, lightly_transform(cfg)),
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=int(cfg.dataset.num_workers),
+        persistent_workers=int(cfg.dataset.num_workers) > 0,
+    )
+    pl.seed_everything(seed, workers=True)
+    backbone: nn.Module = instantiate(cfg.backbone)
+    feature_dim = int(backbone.out_dim)  # type: ignore[arg-type]
+    lr = scaled_lr(
+        float(cfg.optim.lr),
+        batch,
+        int(cfg.lr_scaling.reference_batch_size),
+        str(cfg.lr_scaling.rule),
+    )
+    module = ScheduledLightlyMoCo(
+        backbone=backbone,
+        hidden_dim=int(cfg.head.hidden_dim or feature_dim),
+        out_dim=int(cfg.head.out_dim),
+        queue_size=int(cfg.model.queue_size),
+        temperature=float(cfg.model.temperature),
+        momentum=float(cfg.model.ema_momentum),
+        optimizer=instantiate(cfg.optim, lr=lr),
+    )
+    channels_last = _layout(cfg, backbone)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    trainer = pl.Trainer(
+        accelerator="cpu" if not torch.cuda.is_available() else "auto",
+        devices=1,
+        precision=str(cfg.trainer.precision),  # type: ignore[arg-type]
+        max_epochs=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        num_sanity_val_steps=0,
+    )
+    started = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    seconds = time.perf_counter() - started
+    steps = int(trainer.global_step)
+    info = {
+        "epochs": epochs,
+        "steps": steps,
+        "fit_seconds": round(seconds, 1),
+        "images_per_s": round(steps * batch / seconds, 1),
+        "lr": lr,
+        "precision": str(cfg.trainer.precision),
+        "channels_last": channels_last,
+        "workers": int(cfg.dataset.num_workers),
+    }
+    return module.backbone, info
+
+
+def run_mocoq(
+    experiment: str | None, overrides: Sequence[str], epochs: int, seed: int, run_dir: Path
+) -> tuple[nn.Module, dict[str, Any], DictConfig]:
+    """``mocoq-train`` as a user runs it (kNN monitor off); its trained query backbone."""
+    command = [
+        str(Path(sys.executable).parent / "mocoq-train"),
+        *([f"experiment={experiment}"] if experiment else []),
+        *overrides,
+        f"seed={seed}",
+        f"trainer.max_epochs={epochs}",
+        "~callbacks.knn",
+        "report.raw_pixel_baseline=false",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    print("$", shlex.join(command), flush=True)
+    subprocess.run(command, check=True)
+    backbone, summary, cfg = load_mocoq_backbone(run_dir, seed)
+    steps = int(summary["steps"])
+    info = {
+        "epochs": int(summary["epochs"]),
+        "steps": steps,
+        "fit_seconds": float(summary["fit_seconds"]),
+        "images_per_s": round(steps * int(cfg.dataset.batch_size) / summary["fit_seconds"], 1),
+        "run_dir": str(run_dir),
+        "precision": str(cfg.trainer.precision),
+    }
+    return backbone, info, cfg
+
+
+def load_mocoq_backbone(run_dir: Path, seed: int) -> tuple[nn.Module, dict[str, Any], DictConfig]:
+    """A finished run's query backbone (from its last checkpoint), summary and config."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    cfg = load_run_config(run_dir / ".hydra" / "config.yaml", run_dir=run_dir)
+    checkpoint = torch.load(Path(summary["checkpoint"]), map_location="cpu", weights_only=False)
+    torch.manual_seed(seed)
+    backbone: nn.Module = instantiate(cfg.backbone)
+    prefix = "backbone."
+    weights = {
+        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
+    }
+    backbone.load_state_dict(weights)
+    return backbone, summary, cfg
+
+
+def evaluate(
+    backbone: nn.Module, cfg: DictConfig, ks: Sequence[int], temperature: float
+) -> list[KNNResult]:
+    """mocoq's kNN protocol on ``backbone``: clean bank split vs. clean val split."""
+    datamodule = clean_datamodule(cfg)
+    assert datamodule.bank_split is not None and datamodule.val_split is not None
+    bank = load_split(datamodule, datamodule.bank_split)
+    queries = load_split(datamodule, datamodule.val_split)
+    layout = torch.channels_last if _layout(cfg, backbone) else torch.contiguous_format
+    batch = int(cfg.dataset.eval_batch_size)
+    return knn_results(backbone, bank, queries, ks, temperature, batch, layout)
+
+
+def _top1(results: list[dict[str, Any]], k: int) -> float:
+    return next(r["top1"] for r in results if r["k"] == k)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    ks = report["k"]
+    header = "| seed | arm | epochs | fit s | images/s | " + " | ".join(
+        f"kNN top-1 (k={k}, T={report['temperature']})" for k in ks
+    )
+    lines = [header + " |", "|" + " --- |" * (5 + len(ks))]
+    for row in report["runs"]:
+        cells = [
+            str(row["seed"]),
+            row["arm"],
+            str(row["epochs"]),
+            f"{row['fit_seconds']:.0f}",
+            f"{row['images_per_s']:.0f}",
+            *(f"{_top1(row['knn'], k):.4f}" for k in ks),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for arm, summary in report["summary"].items():
+        means = ", ".join(f"k={k}: {summary[f'mean_top1_k{k}']:.4f}" for k in ks)
+        lines.append(
+            f"{arm}: mean over seeds {means}; median fit {summary['median_fit_seconds']} s"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", default=None, help="a recipe of conf/experiment")
+    parser.add_argument("--override", action="append", default=[], help="config override")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--k", type=int, nargs="+", default=[200, 20])
+    parser.add_argument("--temperature", type=float, default=0.1)
+    parser.add_argument(
+        "--equal-time", action="store_true", help="also lightly for mocoq's fit time"
+    )
+    parser.add_argument("--out-dir", type=Path, default=Path("outputs/peer"))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(arguments)
+    missing = lightly_missing()
+    if missing:
+        raise SystemExit(f"error: {missing}; run `make peer` or pip install lightly")
+    quiet_lightning()
+    cfg = compose_recipe(args.experiment, args.override)
+    epochs = args.epochs or int(cfg.trainer.max_epochs)
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = args.out_dir / stamp
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "command": shlex.join([sys.executable, *sys.argv[:1], *arguments]),
+        "machine": machine_info(),
+        "experiment": args.experiment,
+        "overrides": args.override,
+        "epochs": epochs,
+        "k": args.k,
+        "temperature": args.temperature,
+        "runs": [],
+    }
+
+    def save() -> None:
+        (out_dir / "peer.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    for seed in args.seeds:
+        backbone, info, run_cfg = run_mocoq(
+            args.experiment, args.override, epochs, seed, out_dir / f"mocoq_seed{seed}"
+        )
+        knn = evaluate(backbone, run_cfg, args.k, args.temperature)
+        report["runs"].append(
+            {"seed": seed, "arm": "mocoq", **info, "knn": [asdict(r) for r in knn]}
+        )
+        save()
+        print(f"mocoq seed {seed}: {[round(r.top1, 4) for r in knn]} in {info['fit_seconds']} s")
+        seeded = compose_recipe(args.experiment, [*args.override, f"seed={seed}"])
+        backbone, lightly_info = train_lightly(
+            seeded, epochs, seed, out_dir / f"lightly_seed{seed}"
+        )
+        knn = evaluate(backbone, seeded, args.k, args.temperature)
+        report["runs"].append(
+            {"seed": seed, "arm": "lightly", **lightly_info, "knn": [asdict(r) for r in knn]}
+        )
+        save()
+        seconds = lightly_info["fit_seconds"]
+        print(f"lightly seed {seed}: {[round(r.top1, 4) for r in knn]} in {seconds} s")
+        if args.equal_time:
+            per_epoch = lightly_info["fit_seconds"] / epochs
+            fitting = max(1, int(info["fit_seconds"] // per_epoch))
+            if fitting < epochs:
+                backbone, timed = train_lightly(
+                    seeded, fitting, seed, out_dir / f"lightly_equal_time_seed{seed}"
+                )
+                knn = evaluate(backbone, seeded, args.k, args.temperature)
+                report["runs"].append(
+                    {
+                        "seed": seed,
+                        "arm": "lightly_equal_time",
+                        **timed,
+                        "knn": [asdict(r) for r in knn],
+                    }
+                )
+            else:
+                print(f"seed {seed}: lightly fits {fitting} >= {epochs} epochs in mocoq's time")
+            save()
+    arms = sorted({row["arm"] for row in report["runs"]})
+    report["summary"] = {}
+    for arm in arms:
+        rows = [row for row in report["runs"] if row["arm"] == arm]
+        entry: dict[str, Any] = {
+            "median_fit_seconds": statistics.median(row["fit_seconds"] for row in rows)
+        }
+        for k in args.k:
+            entry[f"mean_top1_k{k}"] = statistics.mean(_top1(row["knn"], k) for row in rows)
+        report["summary"][arm] = entry
+    save()
+    print(format_report(report))
+    print(f"\nreport: {out_dir / 'peer.json'}")
+
+
+if __name__ == "__main__":
+    main()
