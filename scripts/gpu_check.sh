@@ -4,6 +4,7 @@
 # Under 5 minutes on one H100. Run from the repository root after `make setup`:
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # figures go to OUT_DIR (default gpu_check/) and stdout
+#   RECIPE=fmnist_r18_gpu scripts/gpu_check.sh [OUT_DIR]   # only that recipe, timed (< 8 min)
 #
 # Record the printed figures, with the card's name, in docs/benchmarks.md.
 set -euo pipefail
@@ -20,6 +21,22 @@ fi
 GPUS=$("$BIN/python" -c 'import torch; print(torch.cuda.device_count())')
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1), $GPUS visible"
 "$BIN/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' | tee -a "$OUT/summary.txt"
+
+# 0. RECIPE=<experiment>: that recipe alone, its wall time and its kNN (docs/results.md).
+if [ -n "${RECIPE:-}" ]; then
+  log "recipe $RECIPE on one GPU"
+  start=$(date +%s)
+  "$BIN/mocoq-train" experiment="$RECIPE" trainer.enable_progress_bar=false \
+    hydra.run.dir="$OUT/$RECIPE" 2>&1 | tail -n 8 | tee -a "$OUT/summary.txt"
+  log "recipe $RECIPE: $(( $(date +%s) - start )) s wall"
+  "$BIN/python" - "$OUT/$RECIPE/summary.json" <<'PY' | tee -a "$OUT/summary.txt"
+import json, sys
+s = json.load(open(sys.argv[1]))
+print("epochs", s["epochs"], "steps", s["steps"], "fit_seconds", s["fit_seconds"],
+      "knn", s.get("knn"))
+PY
+  exit 0
+fi
 
 # 1. The default recipe (Fashion-MNIST, small ResNet) on one GPU in bf16, capped at 2 minutes of
 #    training; the kNN monitor runs after the last epoch reached.
