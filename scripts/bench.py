@@ -24,7 +24,7 @@ each repetition times ``--steps`` steps after one step of warm-up; the table giv
 
 Usage::
 
-    make bench                                   # installs lightly into .venv, then runs this
+    make bench                                   # lightly comes with the dev extra
     python scripts/bench.py --precision fp32 bf16 bf16+channels_last --out bench.json
     python scripts/bench.py --quick              # a smoke run: 2 x 2 steps, short fits, no kNN
     python scripts/bench.py --override model.key_bn=none   # any mocoq config override
@@ -150,7 +150,7 @@ def lightly_missing() -> str | None:
     try:
         import lightly  # noqa: F401
     except ImportError:
-        return "lightly is not installed (make bench installs it): lightly rows skipped"
+        return "lightly is not installed (the dev extra has it: make setup): lightly rows skipped"
     return None
 
 

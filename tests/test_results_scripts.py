@@ -146,6 +146,7 @@ def test_peer_runs_both_arms_and_evaluates_them_alike(
             "0",
             "--k",
             "5",
+            "--equal-time",
             "--out-dir",
             str(tmp_path),
         ]
@@ -153,6 +154,15 @@ def test_peer_runs_both_arms_and_evaluates_them_alike(
     (report_file,) = tmp_path.glob("*/peer.json")
     report = json.loads(report_file.read_text())
     arms = {row["arm"]: row for row in report["runs"]}
+    printed = capsys.readouterr().out
+    # At equal wall time lightly trains the steps that fit in mocoq's fit time, fewer than its
+    # equal-epoch run took, unless it was the faster of the two.
+    if "lightly_equal_time" in arms:
+        timed = arms.pop("lightly_equal_time")
+        assert 0 < timed["steps"] < arms["lightly"]["steps"]
+        assert timed["epochs"] == pytest.approx(timed["steps"] / (256 // 16), abs=0.01)
+    else:
+        assert "lightly is not slower" in printed
     assert set(arms) == {"mocoq", "lightly"}
     assert arms["mocoq"]["epochs"] == 2 and arms["mocoq"]["steps"] == 8
     assert arms["lightly"]["epochs"] == 2 and arms["lightly"]["steps"] == 2 * (256 // 16)
@@ -164,5 +174,4 @@ def test_peer_runs_both_arms_and_evaluates_them_alike(
     backbone, _, run_cfg = peer.load_mocoq_backbone(run_dir, seed=0)
     (again,) = peer.evaluate(backbone, run_cfg, [5], 0.1)
     assert again.top1 == arms["mocoq"]["knn"][0]["top1"]
-    printed = capsys.readouterr().out
     assert "| 0 | mocoq | 2 |" in printed and "| 0 | lightly | 2 |" in printed
