@@ -48,7 +48,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
@@ -193,7 +193,7 @@ def run_mocoq(
     ]
     print("$", shlex.join(command), flush=True)
     subprocess.run(command, check=True)
-    backbone, summary, cfg = load_mocoq_backbone(run_dir, seed)
+    backbone, summary, cfg = load_mocoq_backbone(run_dir)
     steps = int(summary["steps"])
     info = {
         "epochs": int(summary["epochs"]),
@@ -206,13 +206,12 @@ def run_mocoq(
     return backbone, info, cfg
 
 
-def load_mocoq_backbone(run_dir: Path, seed: int) -> tuple[nn.Module, dict[str, Any], DictConfig]:
+def load_mocoq_backbone(run_dir: Path) -> tuple[nn.Module, dict[str, Any], DictConfig]:
     """A finished run's query backbone (from its last checkpoint), summary and config."""
     summary = json.loads((run_dir / "summary.json").read_text())
     cfg = load_run_config(run_dir / ".hydra" / "config.yaml", run_dir=run_dir)
     checkpoint = torch.load(Path(summary["checkpoint"]), map_location="cpu", weights_only=False)
-    torch.manual_seed(seed)
-    backbone: nn.Module = instantiate(cfg.backbone)
+    backbone: nn.Module = instantiate(cfg.backbone)  # every weight is loaded below
     prefix = "backbone."
     weights = {
         k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
@@ -221,14 +220,28 @@ def load_mocoq_backbone(run_dir: Path, seed: int) -> tuple[nn.Module, dict[str, 
     return backbone, summary, cfg
 
 
-def evaluate(
-    backbone: nn.Module, cfg: DictConfig, ks: Sequence[int], temperature: float
-) -> list[KNNResult]:
-    """mocoq's kNN protocol on ``backbone``: clean bank split vs. clean val split."""
+Labelled = tuple[Tensor, Tensor]  # clean images (N, C, S, S) and targets (N,)
+
+
+def evaluation_data(cfg: DictConfig) -> tuple[Labelled, Labelled]:
+    """The clean bank split and val split of the config's dataset, loaded once for every arm."""
     datamodule = clean_datamodule(cfg)
-    assert datamodule.bank_split is not None and datamodule.val_split is not None
-    bank = load_split(datamodule, datamodule.bank_split)
-    queries = load_split(datamodule, datamodule.val_split)
+    if datamodule.bank_split is None or datamodule.val_split is None:
+        raise SystemExit("error: the config has no labelled bank_split and val_split for kNN")
+    return load_split(datamodule, datamodule.bank_split), load_split(
+        datamodule, datamodule.val_split
+    )
+
+
+def evaluate(
+    backbone: nn.Module,
+    cfg: DictConfig,
+    data: tuple[Labelled, Labelled],
+    ks: Sequence[int],
+    temperature: float,
+) -> list[KNNResult]:
+    """mocoq's kNN protocol on ``backbone``: ``data``'s clean bank vs. its clean queries."""
+    bank, queries = data
     layout = torch.channels_last if _layout(cfg, backbone) else torch.contiguous_format
     batch = int(cfg.dataset.eval_batch_size)
     return knn_results(backbone, bank, queries, ks, temperature, batch, layout)
@@ -286,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     quiet_lightning()
     cfg = compose_recipe(args.experiment, args.override)
     epochs = args.epochs or int(cfg.trainer.max_epochs)
+    data = evaluation_data(cfg)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = args.out_dir / stamp
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -307,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         backbone, info, run_cfg = run_mocoq(
             args.experiment, args.override, epochs, seed, out_dir / f"mocoq_seed{seed}"
         )
-        knn = evaluate(backbone, run_cfg, args.k, args.temperature)
+        knn = evaluate(backbone, run_cfg, data, args.k, args.temperature)
         report["runs"].append(
             {"seed": seed, "arm": "mocoq", **info, "knn": [asdict(r) for r in knn]}
         )
@@ -317,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         backbone, lightly_info = train_lightly(
             seeded, epochs, seed, out_dir / f"lightly_seed{seed}"
         )
-        knn = evaluate(backbone, seeded, args.k, args.temperature)
+        knn = evaluate(backbone, seeded, data, args.k, args.temperature)
         report["runs"].append(
             {"seed": seed, "arm": "lightly", **lightly_info, "knn": [asdict(r) for r in knn]}
         )
@@ -333,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 backbone, timed = train_lightly(
                     seeded, epochs, seed, out_dir / f"lightly_equal_time_seed{seed}", fitting
                 )
-                knn = evaluate(backbone, seeded, args.k, args.temperature)
+                knn = evaluate(backbone, seeded, data, args.k, args.temperature)
                 report["runs"].append(
                     {
                         "seed": seed,

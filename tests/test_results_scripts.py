@@ -171,7 +171,7 @@ def test_peer_runs_both_arms_and_evaluates_them_alike(
         assert result["k"] == 5 and result["bank_size"] == 256 and 0 <= result["top1"] <= 1
     # The mocoq arm's backbone is the checkpoint's: evaluating the checkpoint again agrees.
     run_dir = Path(arms["mocoq"]["run_dir"])
-    backbone, _, run_cfg = peer.load_mocoq_backbone(run_dir, seed=0)
-    (again,) = peer.evaluate(backbone, run_cfg, [5], 0.1)
+    backbone, _, run_cfg = peer.load_mocoq_backbone(run_dir)
+    (again,) = peer.evaluate(backbone, run_cfg, peer.evaluation_data(run_cfg), [5], 0.1)
     assert again.top1 == arms["mocoq"]["knn"][0]["top1"]
     assert "| 0 | mocoq | 2 |" in printed and "| 0 | lightly | 2 |" in printed
