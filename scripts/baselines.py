@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import shlex
 import sys
 import time
@@ -39,7 +38,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -49,10 +47,11 @@ from mocoq.data.transforms import EvalTransform
 from mocoq.eval.checkpoint import load_run_config
 from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
 from mocoq.module import channels_last_unsafe_convs
-from mocoq.train import CONFIG_DIR
+from mocoq.schedules import cosine
+from mocoq.train import scaled_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import machine_info  # scripts/ is not a package
+from bench import compose_config, machine_info  # scripts/ is not a package
 
 # Above this many bytes of float32 training images the supervised baseline refuses to hold the
 # split in memory (it is written for the datasets a kNN bank can hold: Fashion-MNIST, CIFAR).
@@ -62,8 +61,7 @@ MAX_IN_MEMORY_BYTES = 8 * 1024**3
 def compose_recipe(experiment: str | None, overrides: Sequence[str]) -> DictConfig:
     """``conf/train.yaml`` with ``experiment=`` and overrides, as ``mocoq-train`` composes it."""
     choice = [f"experiment={experiment}"] if experiment else []
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=["run_dir=.", *choice, *overrides])
+    return compose_config(Path("."), [*choice, *overrides])
 
 
 def clean_datamodule(cfg: DictConfig) -> MoCoDataModule:
@@ -81,8 +79,9 @@ def load_split(datamodule: MoCoDataModule, split: str) -> tuple[Tensor, Tensor]:
     size = len(dataset) * pixels * 4  # type: ignore[arg-type]
     if size > MAX_IN_MEMORY_BYTES:
         raise SystemExit(
-            f"error: the {split} split is {size / 1024**3:.1f} GiB as float32 images; the "
-            "supervised baseline holds its split in memory: use --skip-supervised for it"
+            f"error: the {split} split is {size / 1024**3:.1f} GiB as float32 images: the "
+            "baselines and the peer comparison hold the bank and query splits in memory, for "
+            "datasets of Fashion-MNIST's and CIFAR's size; use mocoq-knn baseline=... for it"
         )
     images, targets = [], []
     for batch_images, batch_targets in datamodule.clean_dataloader(split):
@@ -162,8 +161,9 @@ def train_supervised(
     backbone = backbone.to(memory_format=memory_format)
     bf16 = str(cfg.trainer.precision).startswith("bf16")
     batch_size = int(cfg.dataset.batch_size)
-    reference = int((cfg.get("lr_scaling") or {}).get("reference_batch_size", 256))
-    scaled = lr * batch_size / reference
+    scaling = cfg.get("lr_scaling") or {}
+    reference = int(scaling.get("reference_batch_size", 256))
+    scaled = scaled_lr(lr, batch_size, reference, str(scaling.get("rule", "linear")))
     parameters = [*backbone.parameters(), *classifier.parameters()]
     optimizer = torch.optim.SGD(parameters, lr=scaled, momentum=0.9, weight_decay=5e-4)
     images, targets = train
@@ -180,7 +180,7 @@ def train_supervised(
                 memory_format=memory_format
             )
             for group in optimizer.param_groups:
-                group["lr"] = scaled * 0.5 * (1 + math.cos(math.pi * step / total))
+                group["lr"] = cosine(step, total, scaled, 0.0)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = F.cross_entropy(classifier(backbone(batch)), targets[chosen])
             optimizer.zero_grad(set_to_none=True)

@@ -403,18 +403,24 @@ class LightlyMoCo(pl.LightningModule):
 
 
 def build_lightly(
-    cfg: DictConfig, precision: str, channels_last: bool | None = None
+    cfg: DictConfig,
+    precision: str,
+    channels_last: bool | None = None,
+    module_class: type[LightlyMoCo] = LightlyMoCo,
+    lr: float | None = None,
 ) -> LightlyMoCo:
-    """lightly's MoCo with a fresh backbone identical to mocoq's and mocoq's hyper-parameters."""
-    feature_dim = int(instantiate(cfg.backbone).out_dim)
-    module = LightlyMoCo(
-        backbone=instantiate(cfg.backbone),
+    """lightly's MoCo with a fresh backbone identical to mocoq's and mocoq's hyper-parameters
+    (``lr``, when given, replaces ``optim.lr``: the scaled learning rate of a real run)."""
+    backbone: nn.Module = instantiate(cfg.backbone)
+    feature_dim = int(backbone.out_dim)  # type: ignore[arg-type]
+    module = module_class(
+        backbone=backbone,
         hidden_dim=int(cfg.head.hidden_dim or feature_dim),
         out_dim=int(cfg.head.out_dim),
         queue_size=int(cfg.model.queue_size),
         temperature=float(cfg.model.temperature),
         momentum=float(cfg.model.ema_momentum),
-        optimizer=instantiate(cfg.optim),
+        optimizer=instantiate(cfg.optim) if lr is None else instantiate(cfg.optim, lr=lr),
     )
     if PRECISIONS[precision][1] if channels_last is None else channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-arg]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shlex
 import statistics
 import subprocess
@@ -56,11 +55,19 @@ from mocoq.data.datasets import ArrayImageDataset
 from mocoq.eval.checkpoint import load_run_config
 from mocoq.eval.features import KNNResult
 from mocoq.module import channels_last_unsafe_convs
+from mocoq.schedules import cosine
 from mocoq.train import scaled_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from baselines import clean_datamodule, compose_recipe, knn_results, load_split  # scripts/
-from bench import LightlyMoCo, PILImages, lightly_missing, machine_info, quiet_lightning
+from bench import (
+    LightlyMoCo,
+    PILImages,
+    build_lightly,
+    lightly_missing,
+    machine_info,
+    quiet_lightning,
+)
 
 
 class ScheduledLightlyMoCo(LightlyMoCo):
@@ -70,7 +77,7 @@ class ScheduledLightlyMoCo(LightlyMoCo):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
+        schedule = LambdaLR(optimizer, lambda step: cosine(step, total, 1.0, 0.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
@@ -125,27 +132,16 @@ def train_lightly(
         num_workers=int(cfg.dataset.num_workers),
         persistent_workers=int(cfg.dataset.num_workers) > 0,
     )
-    pl.seed_everything(seed, workers=True)
-    backbone: nn.Module = instantiate(cfg.backbone)
-    feature_dim = int(backbone.out_dim)  # type: ignore[arg-type]
     lr = scaled_lr(
         float(cfg.optim.lr),
         batch,
         int(cfg.lr_scaling.reference_batch_size),
         str(cfg.lr_scaling.rule),
     )
-    module = ScheduledLightlyMoCo(
-        backbone=backbone,
-        hidden_dim=int(cfg.head.hidden_dim or feature_dim),
-        out_dim=int(cfg.head.out_dim),
-        queue_size=int(cfg.model.queue_size),
-        temperature=float(cfg.model.temperature),
-        momentum=float(cfg.model.ema_momentum),
-        optimizer=instantiate(cfg.optim, lr=lr),
-    )
-    channels_last = _layout(cfg, backbone)
-    if channels_last:
-        module = module.to(memory_format=torch.channels_last)
+    channels_last = _layout(cfg, instantiate(cfg.backbone))
+    pl.seed_everything(seed, workers=True)  # the backbone's initial weights: the seed's
+    # (the precision name only chooses a layout when none is given; the trainer sets precision)
+    module = build_lightly(cfg, "fp32", channels_last, ScheduledLightlyMoCo, lr)
     trainer = pl.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         devices=1,
