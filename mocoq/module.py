@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -640,11 +641,28 @@ class MoCoModule(pl.LightningModule):
         if self._trainer is not None and self.trainer.optimizers:
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
+    def total_steps(self) -> int | None:
+        """The run's optimizer steps, which the schedules decay over; None while unknown (a
+        time-budgeted run measuring its step rate, see :class:`mocoq.callbacks.TimeBudget`)."""
+        if self._trainer is None:
+            return 1
+        total = self.trainer.estimated_stepping_batches
+        return None if math.isinf(total) else max(1, int(total))
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one epoch (the unit of ``LRSchedule.warmup_epochs``)."""
+        trainer = self.trainer
+        if trainer.train_dataloader is None:
+            trainer.fit_loop.setup_data()  # as Lightning's own estimated_stepping_batches does
+        batches = trainer.num_training_batches
+        if math.isinf(batches):  # an iterable dataset without a length
+            return 1
+        return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+
     def current_ema_momentum(self) -> float:
         """The EMA momentum for the current optimizer step (constant or cosine towards 1)."""
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer else 1
         return ema_momentum_at(
-            self.global_step, total, self.ema_momentum, self.ema_momentum_schedule
+            self.global_step, self.total_steps(), self.ema_momentum, self.ema_momentum_schedule
         )
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -741,8 +759,8 @@ class MoCoModule(pl.LightningModule):
         if self.lr_schedule is None:
             return optimizer
         schedule = self.lr_schedule
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        scheduler = LambdaLR(optimizer, lambda step: schedule(step, total, per_epoch))
+        per_epoch = self.steps_per_epoch()
+        # The total is read at every step: a time-budgeted run fixes it after its first steps.
+        scheduler = LambdaLR(optimizer, lambda step: schedule(step, self.total_steps(), per_epoch))
         schedule_config = {"scheduler": scheduler, "interval": "step"}
         return {"optimizer": optimizer, "lr_scheduler": schedule_config}

@@ -21,19 +21,20 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from mocoq.callbacks import KNNMonitor, PreemptionCheckpoint
+from mocoq.callbacks import KNNMonitor, PreemptionCheckpoint, TimeBudget
 from mocoq.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from mocoq.data.datamodule import MoCoDataModule
-from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate
+from mocoq.eval.features import KNNResult, embed, flatten_pixels, knn_evaluate_many
 from mocoq.module import MoCoModule, NonFiniteError
 from mocoq.validate import (
     ConfigError,
@@ -91,6 +92,16 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
         clean_view=bool(cfg.model.get("online_probe", False)),  # the probe learns from it
     )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    budget = cfg.get("budget") or {}
+    if budget.get("minutes") is not None:  # the run's length comes from its measured step rate
+        callbacks.append(
+            TimeBudget(
+                float(budget["minutes"]),
+                skip_steps=int(budget.get("skip_steps", 10)),
+                timed_steps=int(budget.get("timed_steps", 50)),
+                reserve=float(budget.get("reserve", 0.05)),
+            )
+        )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer: pl.Trainer = instantiate(cfg.trainer, _partial_=True)(
         callbacks=callbacks,
@@ -152,14 +163,34 @@ def load_initial_weights(model: MoCoModule, path: str) -> None:
     log.info("encoder weights initialised from %s (queue, optimizer and position are new)", file)
 
 
-def raw_pixel_knn(datamodule: MoCoDataModule, monitor: KNNMonitor) -> KNNResult | None:
-    """kNN on normalised raw pixels with the monitor's k, T, bank and query splits."""
+def raw_pixel_knn(datamodule: MoCoDataModule, monitor: KNNMonitor) -> list[KNNResult]:
+    """kNN on normalised raw pixels with the monitor's bank and query splits and T, at its k
+    and then each of its ``extra_k``; empty without a bank or query split."""
     bank_loader, val_loader = datamodule.knn_bank_dataloader(), datamodule.knn_val_dataloader()
     if bank_loader is None or val_loader is None:
-        return None
+        return []
     bank, bank_labels = embed(flatten_pixels, bank_loader)
     queries, query_labels = embed(flatten_pixels, val_loader)
-    return knn_evaluate(bank, bank_labels, queries, query_labels, monitor.k, monitor.temperature)
+    ks = [monitor.k, *monitor.extra_k]
+    return knn_evaluate_many(bank, bank_labels, queries, query_labels, ks, monitor.temperature)
+
+
+def size_from_command_line(cfg: DictConfig, overrides: list[str]) -> None:
+    """Let the command line's ``trainer.max_epochs`` or ``trainer.max_steps`` size a run whose
+    config (e.g. its experiment) gives a time budget: the budget is switched off, with a log
+    line. Both on the command line is an error (they size the same run two ways)."""
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    sized = sorted(keys & {"trainer.max_epochs", "trainer.max_steps"})
+    if not sized or OmegaConf.select(cfg, "budget.minutes") is None:
+        return
+    if "budget.minutes" in keys:
+        raise ConfigError(
+            f"budget.minutes and {' and '.join(sized)} both size the run: give one of them "
+            "(budget.minutes=null trains by epochs or steps)"
+        )
+    with open_dict(cfg):
+        cfg.budget.minutes = None
+    log.info("%s on the command line sizes the run (budget.minutes is not used)", sized[0])
 
 
 def _share_log_file(name: str) -> None:
@@ -220,29 +251,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         return _preempted(preemption, run_dir, trainer)
 
     monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]
+    budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)  # type: ignore[attr-defined]
+    per_epoch = model.steps_per_epoch()
+    budgeted = budget is not None and budget.plan is not None
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        "epochs": trainer.current_epoch,
+        # A time-budgeted run ends where its steps run out: a fraction of its last epoch.
+        "epochs": round(trainer.global_step / per_epoch, 4) if budgeted else trainer.current_epoch,
         "steps": trainer.global_step,
+        "steps_per_epoch": per_epoch,
         # trainer.fit's wall time: training, the kNN monitor's evaluations and checkpointing
         # (this process's part of the run when it was resumed)
         "fit_seconds": round(time.perf_counter() - started, 1),
         "dataset": {"bank": datamodule.bank_split, "queries": datamodule.val_split},
     }
+    if budget is not None and budget.plan is not None:
+        summary["budget"] = budget.plan.to_dict()
     if monitor is not None:
         summary["knn_monitor_seconds"] = round(monitor.seconds, 1)
         summary["knn_full_protocol_seconds"] = round(monitor.full_seconds, 1)
         summary["knn_monitor_share"] = round(monitor.share, 4)
         summary["knn_share_total"] = round(monitor.share_total, 4)
+        # At the monitor's k (the keys "knn", ...) and at each of its extra_k ("..._extra").
         if monitor.last is not None:
             summary["knn"] = asdict(monitor.last)
+            summary["knn_extra"] = [asdict(r) for r in monitor.last_extra]
         if monitor.initial is not None:
             summary["knn_random_init"] = asdict(monitor.initial)
+            summary["knn_random_init_extra"] = [asdict(r) for r in monitor.initial_extra]
         if cfg.report.raw_pixel_baseline and trainer.is_global_zero:
             baseline = raw_pixel_knn(datamodule, monitor)
-            if baseline is not None:
-                summary["knn_raw_pixels"] = asdict(baseline)
+            if baseline:
+                summary["knn_raw_pixels"] = asdict(baseline[0])
+                summary["knn_raw_pixels_extra"] = [asdict(r) for r in baseline[1:]]
     log_hparams_with_results(trainer, config, summary)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -270,37 +312,71 @@ def _preempted(
     return summary
 
 
+def _knn_rows(summary: dict[str, Any], key: str) -> dict[int, dict[str, Any]]:
+    """The results of one encoder in ``summary`` (``knn``, ``knn_raw_pixels``, ...) by k."""
+    rows = [summary[key], *summary.get(f"{key}_extra", [])] if key in summary else []
+    return {int(row["k"]): row for row in rows}
+
+
 def log_hparams_with_results(trainer: pl.Trainer, config: Any, summary: dict[str, Any]) -> None:
-    """Write the config with the run's final numbers to TensorBoard's HParams tab."""
-    metrics = {"hparams/steps": float(summary["steps"])}
+    """Write the config with the run's final numbers to TensorBoard's HParams tab: the steps
+    (and epochs) trained, and kNN top-1 of the encoder and of raw pixels at every k reported."""
+    metrics = {"hparams/steps": float(summary["steps"]), "hparams/epochs": summary["epochs"]}
     if "knn" in summary:
         metrics["hparams/knn_top1"] = summary["knn"]["top1"]
         metrics["hparams/knn_top5"] = summary["knn"]["top5"]
+    for key, name in (("knn", "knn"), ("knn_raw_pixels", "raw_pixels")):
+        for k, row in _knn_rows(summary, key).items():
+            metrics[f"hparams/{name}_top1_k{k}"] = row["top1"]
+    if "budget" in summary:
+        metrics["hparams/budget_minutes"] = summary["budget"]["minutes"]
+        metrics["hparams/steps_per_second"] = summary["budget"]["steps_per_second"]
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """The end-of-run report: where things are and the kNN numbers side by side."""
+    """The end-of-run report: where things are, what the budget bought, and the kNN numbers
+    of the encoder beside its baselines at every k reported, with the gap to raw pixels."""
     lines = [
         "",
         f"Run directory : {summary['run_dir']}",
         f"Checkpoint    : {summary['checkpoint']}",
         f"TensorBoard   : tensorboard --logdir {summary['run_dir']}",
     ]
-    knn = summary.get("knn")
-    if knn:
-        split = summary["dataset"]
+    plan = summary.get("budget")
+    if plan:
         lines.append(
-            f"kNN top-1 on '{split['queries']}' (bank '{split['bank']}', k={knn['k']}, "
-            f"T={knn['temperature']}, cosine):"
+            f"Budget        : {plan['minutes']:g} min bought {plan['total_steps']:,} steps "
+            f"({plan['epochs']:.2f} epochs) at {plan['steps_per_second']:.3g} steps/s, measured "
+            f"over steps {plan['measured_from']}-{plan['measured_to']}; fit took "
+            f"{summary['fit_seconds'] / 60:.1f} min"
         )
-        lines.append(f"  mocoq encoder : {knn['top1']:.4f}  (after {summary['epochs']} epochs)")
-        baselines = (("knn_random_init", "random init"), ("knn_raw_pixels", "raw pixels"))
-        for key, label in baselines:
+    encoder = _knn_rows(summary, "knn")
+    if encoder:
+        knn = summary["knn"]
+        split = summary["dataset"]
+        ks = list(encoder)
+        lines.append(
+            f"kNN top-1 on '{split['queries']}' (bank '{split['bank']}', T={knn['temperature']}, "
+            "cosine):".ljust(54)
+            + "".join(f"{f'k={k}':>9}" for k in ks)
+        )
+        rows = [(f"mocoq encoder ({summary['epochs']:g} epochs)", encoder)]
+        for key, label in (("knn_random_init", "random init"), ("knn_raw_pixels", "raw pixels")):
             if key in summary:
-                lines.append(f"  {label:<13} : {summary[key]['top1']:.4f}")
+                rows.append((label, _knn_rows(summary, key)))
+        for label, row in rows:
+            cells = "".join(f"{row[k]['top1']:>9.4f}" if k in row else " " * 9 for k in ks)
+            lines.append(f"  {label:<52}{cells}")
+        pixels = _knn_rows(summary, "knn_raw_pixels")
+        if pixels:
+            gaps = "".join(
+                f"{100 * (encoder[k]['top1'] - pixels[k]['top1']):>+9.2f}" if k in pixels else ""
+                for k in ks
+            )
+            lines.append(f"  {'encoder - raw pixels (points)':<52}{gaps}")
     if "knn_monitor_share" in summary:
         lines.append(
             f"kNN cost      : monitoring {100 * summary['knn_monitor_share']:.1f}% of training "
@@ -407,6 +483,7 @@ def main() -> None:
 def _main(cfg: DictConfig) -> None:
     """Compose, train and report; user errors become one line on stderr and exit code 2."""
     try:
+        size_from_command_line(cfg, list(HydraConfig.get().overrides.task))
         run(cfg)
     except (InstantiationException, OmegaConfBaseException, *USER_ERRORS) as error:
         cause = _root_cause(error)

@@ -55,7 +55,8 @@ def validate_config(cfg: DictConfig) -> None:
     and ``head.out_dim`` and ``head.num_layers`` >= 1, ``dataset.batch_size`` and
     ``dataset.eval_batch_size`` >= 1, ``dataset.image_size`` >= 2, ``dataset.eval_resize``
     (when set) >= ``dataset.image_size``, ``optim.lr`` > 0, ``trainer.max_epochs`` >= 0 (or -1
-    with ``trainer.max_steps``), and that ``run_dir`` can be created and written. What depends on
+    with ``trainer.max_steps``), the ``budget`` (see :func:`_check_budget`), and that
+    ``run_dir`` can be created and written. What depends on
     built objects is checked where they are built: the queue against the global batch
     (:meth:`mocoq.module.MoCoModule.check_batch_fits`), the batch against the dataset
     (:meth:`mocoq.data.datamodule.MoCoDataModule.setup`), a backbone against the image size
@@ -104,12 +105,40 @@ def validate_config(cfg: DictConfig) -> None:
     if max_epochs is not None and (max_epochs < -1 or (max_epochs == -1 and not bounded)):
         raise ConfigError(
             f"trainer.max_epochs must be a number of epochs (0 or more), or -1 with "
-            f"+trainer.max_steps=N to stop after N steps; got {max_epochs}"
+            f"trainer.max_steps=N to stop after N steps; got {max_epochs}"
         )
+    _check_budget(cfg, max_steps)
 
     run_dir = OmegaConf.select(cfg, "run_dir", default=None, throw_on_resolution_failure=False)
     if run_dir:  # unresolved outside a Hydra run (build() in tests): nothing to check
         check_writable_dir(str(run_dir), "run_dir")
+
+
+def _check_budget(cfg: DictConfig, max_steps: float | None) -> None:
+    """``budget.minutes`` null or > 0, and not with ``trainer.max_steps``; its measurement's
+    ``skip_steps`` >= 0, ``timed_steps`` >= 1 and ``reserve`` in [0, 1)."""
+    minutes = _number(cfg, "budget.minutes")
+    if minutes is None:
+        return
+    if minutes <= 0:
+        raise ConfigError(
+            f"budget.minutes must be a positive number of minutes (or null to train by "
+            f"trainer.max_epochs), got {_show(minutes)}"
+        )
+    if max_steps is not None and max_steps >= 0:
+        raise ConfigError(
+            f"budget.minutes={_show(minutes)} and trainer.max_steps={int(max_steps)} both size "
+            "the run: set one of them (budget.minutes=null, or trainer.max_steps=-1)"
+        )
+    skip = _number(cfg, "budget.skip_steps", integer=True)
+    timed = _number(cfg, "budget.timed_steps", integer=True)
+    if (skip is not None and skip < 0) or (timed is not None and timed < 1):
+        raise ConfigError(
+            f"budget.skip_steps must be >= 0 and budget.timed_steps >= 1, got {skip} and {timed}"
+        )
+    reserve = _number(cfg, "budget.reserve")
+    if reserve is not None and not 0.0 <= reserve < 1.0:
+        raise ConfigError(f"budget.reserve must be in [0, 1), got {_show(reserve)}")
 
 
 def _show(number: float) -> str:

@@ -105,3 +105,28 @@ class CountTensors(pl.Callback):
         self.counts[step] = sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
         with open("/proc/self/statm") as statm:
             self.rss[step] = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class FakeClock(pl.Callback):
+    """Gives the run's :class:`~mocoq.callbacks.TimeBudget` a clock that reads
+    ``seconds_per_step`` times the training batches this process has run, so the measured step
+    rate (``1 / seconds_per_step``) and the budget's plan do not depend on the machine's load.
+
+    Listed among the config's callbacks it comes before the TimeBudget that ``build`` appends,
+    so its hooks run first: the clock is in place before the budget reads it in ``setup``, and
+    it has advanced past a batch before the budget reads it at that batch's end.
+    """
+
+    def __init__(self, seconds_per_step: float) -> None:
+        self.seconds_per_step = seconds_per_step
+        self.now = 0.0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from mocoq.callbacks import TimeBudget
+
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, TimeBudget):
+                callback.clock = lambda: self.now
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self.now += self.seconds_per_step

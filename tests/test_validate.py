@@ -78,7 +78,7 @@ def test_bad_values_are_refused_naming_the_key(
         ["dataset=image_folder"],  # dataset.root=??? is not read here
         ["trainer.max_epochs=0"],
         ["trainer.max_epochs=null"],
-        ["trainer.max_epochs=-1", "+trainer.max_steps=10"],
+        ["trainer.max_epochs=-1", "trainer.max_steps=10"],
         ["trainer.max_epochs=-1", "trainer.fast_dev_run=true"],
         ["optim.lr=1e-4"],
     ],

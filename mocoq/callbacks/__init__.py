@@ -1,5 +1,6 @@
 """Callbacks that watch a MoCo run, and the one that saves it when it is stopped."""
 
+from mocoq.callbacks.budget import TimeBudget
 from mocoq.callbacks.diagnostics import (
     EmbeddingProjector,
     TimeBreakdown,
@@ -16,6 +17,7 @@ __all__ = [
     "PreemptionCheckpoint",
     "ThroughputMonitor",
     "TimeBreakdown",
+    "TimeBudget",
     "TrainingDiagnostics",
     "ViewPairsLogger",
 ]

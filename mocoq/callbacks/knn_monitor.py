@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import pytorch_lightning as pl
@@ -16,7 +17,7 @@ from mocoq.eval.features import (
     KNNResult,
     embed,
     embed_sharded,
-    knn_evaluate_sharded,
+    knn_evaluate_sharded_many,
     shard_loader,
 )
 
@@ -96,8 +97,9 @@ class _ChannelsLastImages:
 
 
 class KNNMonitor(pl.Callback):
-    """Every ``every_n_epochs`` epochs (and after the last), embeds a clean bank and val set
-    with the query backbone in eval mode and logs ``knn/top1`` and ``knn/top5``.
+    """Every ``every_n_epochs`` epochs (and after the last), or ``evaluations`` times spread
+    over the run's steps, embeds a clean bank and val set with the query backbone in eval mode
+    and logs ``knn/top1`` and ``knn/top5``.
 
     The bank and queries come from the constructor's loaders or, when those are None, from the
     datamodule's ``knn_bank_dataloader()`` and ``knn_val_dataloader()``. The protocol (k, T) is
@@ -114,6 +116,18 @@ class KNNMonitor(pl.Callback):
     bank as the full protocol's k: on the 60,000-image Fashion-MNIST bank a trained encoder then
     scores 1.2 points under the full protocol with a 5,000-image subset (k=17) instead of 7.5
     with k=200 (and 0.8 instead of 5.2 with 10,000 images).
+
+    Cadence: ``evaluations=N`` evaluates after every ``total / N`` optimizer steps and after the
+    last step, where ``total`` is the run's number of steps: known from the start in a run
+    sized in epochs or steps, and once its rate is measured in a time-budgeted run
+    (:class:`~mocoq.callbacks.TimeBudget`), whose end need not fall on an epoch's end. Without
+    it, every ``every_n_epochs`` epochs. The run's last step is always evaluated (on the full
+    protocol with ``full_at_end``): after the last epoch, or after ``max_steps``.
+
+    ``extra_k``: further neighbour counts scored on the full-protocol evaluations (at the start
+    and at the end) from the same features and the same nearest neighbours (one top-k for
+    all), kept in ``initial_extra`` and ``last_extra`` and logged as ``knn/top1_k<k>``: the
+    report shows the encoder at k=200 and at k=20 at the cost of one evaluation.
 
     Cost accounting: ``knn/seconds`` is the wall time of one evaluation; ``knn/share`` the
     seconds of the monitoring evaluations (those during training, on the subsets) over the
@@ -142,6 +156,9 @@ class KNNMonitor(pl.Callback):
         full_at_end: the last (and the at-start) evaluation uses the whole bank and queries.
         seed: seed of the subsets' draw.
         scale_k: on a bank subset, scale k by the subset's share of the labelled bank.
+        evaluations: evaluations spread evenly over the run's steps (the last one after its
+            last step); None: every ``every_n_epochs`` epochs.
+        extra_k: more k to score on the full-protocol evaluations.
     """
 
     def __init__(
@@ -157,11 +174,17 @@ class KNNMonitor(pl.Callback):
         full_at_end: bool = True,
         seed: int = 0,
         scale_k: bool = True,
+        evaluations: int | None = None,
+        extra_k: Sequence[int] = (),
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be positive, got {every_n_epochs}")
         if k < 1 or temperature <= 0:
             raise ValueError(f"kNN needs k >= 1 and temperature > 0, got k={k}, T={temperature}")
+        if evaluations is not None and evaluations < 1:
+            raise ValueError(f"evaluations must be positive or null, got {evaluations}")
+        if any(int(extra) < 1 for extra in extra_k):
+            raise ValueError(f"extra_k must hold positive numbers of neighbours, got {extra_k}")
         for name, size in (("bank_size", bank_size), ("max_queries", max_queries)):
             if size is not None and size < 1:
                 raise ValueError(f"{name} must be positive or null (all items), got {size}")
@@ -176,9 +199,14 @@ class KNNMonitor(pl.Callback):
         self.full_at_end = full_at_end
         self.seed = seed
         self.scale_k = scale_k
+        self.evaluations = evaluations
+        self.extra_k = tuple(sorted({int(extra) for extra in extra_k if int(extra) != k}))
         self.disabled = False
         self.initial: KNNResult | None = None
         self.last: KNNResult | None = None
+        self.initial_extra: list[KNNResult] = []  # extra_k on the at-start evaluation
+        self.last_extra: list[KNNResult] = []  # extra_k on the last full-protocol evaluation
+        self._evaluated_step = -1  # the step of the latest step-cadence evaluation
         self.seconds = 0.0  # all evaluations so far
         self.full_seconds = 0.0  # the full-protocol ones among them (at start, at the end)
         self.train_seconds = 0.0  # all training epochs so far, evaluations excluded
@@ -244,7 +272,18 @@ class KNNMonitor(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool = False
     ) -> KNNResult | None:
         """Embed bank and queries with ``pl_module``'s forward and score them: the fixed
-        subsets, or everything with ``full`` (or when no sizes are set)."""
+        subsets, or everything with ``full`` (or when no sizes are set). A full evaluation also
+        scores ``extra_k``, kept in ``last_extra``."""
+        results = self._evaluate(trainer, pl_module, full)
+        if results is None:
+            return None
+        if full:
+            self.last_extra = results[1:]
+        return results[0]
+
+    def _evaluate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, full: bool
+    ) -> list[KNNResult] | None:
         if self.disabled:
             return None
         loaders = self._loaders(trainer)
@@ -274,15 +313,19 @@ class KNNMonitor(pl.Callback):
             # Every rank: the whole bank (B, F), (B,); this rank's queries (M_r, F), (M_r,).
             bank, bank_labels = embed_sharded(pl_module, bank_loader, pl_module.device)
             queries, query_labels = embed(pl_module, shard_loader(val_loader), pl_module.device)
-        result = knn_evaluate_sharded(bank, bank_labels, queries, query_labels, k, self.temperature)
+        ks = [k, *self.extra_k] if full else [k]
+        results = knn_evaluate_sharded_many(
+            bank, bank_labels, queries, query_labels, ks, self.temperature
+        )
         self.last_call_seconds = time.perf_counter() - start
         self.seconds += self.last_call_seconds
         if full and (self.bank_size is not None or self.max_queries is not None):
             self.full_seconds += self.last_call_seconds
-        return result
+        return results
 
-    def _metrics(self, result: KNNResult) -> dict[str, float]:
+    def _metrics(self, result: KNNResult, extra: Sequence[KNNResult] = ()) -> dict[str, float]:
         return {
+            **{f"knn/top1_k{other.k}": other.top1 for other in extra},
             "knn/top1": result.top1,
             "knn/top5": result.top5,
             "knn/k": float(result.k),
@@ -297,29 +340,81 @@ class KNNMonitor(pl.Callback):
             return
         self.initial = self.evaluate(trainer, pl_module, full=self.full_at_end)
         if self.initial is not None:
+            self.initial_extra, self.last_extra = self.last_extra, []
             rank_zero_info(f"kNN at initialisation: {self.initial.describe()}")
             for logger in trainer.loggers:
-                logger.log_metrics(self._metrics(self.initial), step=0)
+                logger.log_metrics(self._metrics(self.initial, self.initial_extra), step=0)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
+
+    @staticmethod
+    def total_steps(trainer: pl.Trainer) -> int | None:
+        """The run's optimizer steps, or None while unknown (a budget still measuring)."""
+        total = trainer.estimated_stepping_batches
+        return None if math.isinf(total) else int(total)
+
+    @staticmethod
+    def is_last(trainer: pl.Trainer) -> bool:
+        """Whether the training loop has reached its end: ``max_steps``, or the last epoch."""
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        epochs = trainer.max_epochs
+        return epochs is not None and epochs >= 0 and trainer.current_epoch + 1 >= epochs
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """With ``evaluations``: evaluate on the subsets every ``total / evaluations`` steps
+        (the evaluation after the last step comes at the epoch's end)."""
+        if self.evaluations is None or self.disabled:
+            return
+        step, total = trainer.global_step, self.total_steps(trainer)
+        if total is None or step >= total or step == self._evaluated_step:
+            return
+        # Evaluation i (1..N-1) after step round(i * total / N); several steps per optimizer
+        # step (gradient accumulation) evaluate once.
+        due = {round(i * total / self.evaluations) for i in range(1, self.evaluations)}
+        if step not in due:
+            return
+        self._evaluated_step = step
+        if self._epoch_start is not None:  # the evaluation is not training time
+            self.train_seconds += time.perf_counter() - self._epoch_start
+        result = self.evaluate(trainer, pl_module)
+        if self._epoch_start is not None:
+            self._epoch_start = time.perf_counter()
+        if result is None:
+            return
+        self.last = result
+        rank_zero_info(
+            f"kNN after step {step} of {total}: {result.describe()}, {self.last_call_seconds:.1f} s"
+        )
+        metrics = {**self._metrics(result), "knn/share": self.share}
+        metrics["knn/share_total"] = self.share_total
+        for logger in trainer.loggers:  # every rank holds the same numbers
+            logger.log_metrics(metrics, step=step)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._epoch_start is not None:
             self.train_seconds += time.perf_counter() - self._epoch_start
             self._epoch_start = None
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last:
+        last = self.is_last(trainer)
+        if not last and (self.evaluations is not None or epoch % self.every_n_epochs):
             return
         result = self.evaluate(trainer, pl_module, full=last and self.full_at_end)
         if result is None:
             return
         self.last = result
-        rank_zero_info(
-            f"kNN after epoch {epoch}: {result.describe()}, {self.last_call_seconds:.1f} s"
-        )
-        metrics = self._metrics(result)
+        where = f"step {trainer.global_step}" if self.evaluations is not None else f"epoch {epoch}"
+        rank_zero_info(f"kNN after {where}: {result.describe()}, {self.last_call_seconds:.1f} s")
+        extra = self.last_extra if last and self.full_at_end else []
+        metrics = self._metrics(result, extra)
         metrics["knn/share"] = self.share
         metrics["knn/share_total"] = self.share_total
         # Every rank holds the same accuracies: syncing them with max keeps them exact (a mean

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from mocoq.distributed import (
     unshard_strided,
     world_size,
 )
-from mocoq.knn import knn_predict
+from mocoq.knn import knn_predict_many
 
 
 @torch.no_grad()
@@ -158,12 +158,31 @@ def knn_correct(
     Returns:
         int64 (2,) on ``bank.device``: queries whose label is the top class, and among the top 5.
     """
+    return knn_correct_many(
+        bank, bank_labels, queries, query_labels, num_classes, [k], temperature
+    )[0]
+
+
+@torch.no_grad()
+def knn_correct_many(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    ks: Sequence[int],
+    temperature: float = 0.1,
+) -> Tensor:
+    """:func:`knn_correct` for each k of ``ks`` from one similarity pass: int64 (len(ks), 2)."""
     if queries.shape[0] == 0:
-        return torch.zeros(2, dtype=torch.long, device=bank.device)
-    scores = knn_predict(queries, bank, bank_labels, num_classes, k, temperature)  # (M, C)
-    ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (M, min(5, C))
-    hits = ranked == query_labels.to(scores.device).unsqueeze(1)  # (M, min(5, C))
-    return torch.stack([hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum()])  # (2,)
+        return torch.zeros(len(ks), 2, dtype=torch.long, device=bank.device)
+    counts = []
+    truth = query_labels.to(bank.device).unsqueeze(1)  # (M, 1)
+    for scores in knn_predict_many(queries, bank, bank_labels, num_classes, ks, temperature):
+        ranked = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (M, min(5, C))
+        hits = ranked == truth  # (M, min(5, C))
+        counts.append(torch.stack([hits[:, :1].any(dim=1).sum(), hits.any(dim=1).sum()]))
+    return torch.stack(counts)  # (len(ks), 2)
 
 
 def _fraction(correct: int, total: int, device: torch.device) -> float:
@@ -204,10 +223,26 @@ def knn_evaluate(
     Unlabelled bank items (label < 0) are dropped; C is ``num_classes`` or one more than the
     largest bank or query label. Local: no collectives.
     """
+    return knn_evaluate_many(
+        bank, bank_labels, queries, query_labels, [k], temperature, num_classes
+    )[0]
+
+
+def knn_evaluate_many(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    ks: Sequence[int],
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+) -> list[KNNResult]:
+    """:func:`knn_evaluate` for each k of ``ks`` (one similarity pass), in their order."""
     bank, bank_labels = _labelled_bank(bank, bank_labels)
     classes = num_classes or int(max(bank_labels.max().item(), query_labels.max().item())) + 1
-    correct = knn_correct(bank, bank_labels, queries, query_labels, classes, k, temperature)
-    return _result(correct, queries.shape[0], k, temperature, bank.shape[0])
+    correct = knn_correct_many(bank, bank_labels, queries, query_labels, classes, ks, temperature)
+    size, count = bank.shape[0], queries.shape[0]
+    return [_result(c, count, k, temperature, size) for c, k in zip(correct, ks, strict=True)]
 
 
 def knn_evaluate_sharded(
@@ -227,6 +262,22 @@ def knn_evaluate_sharded(
     all ranks, and the correct counts are summed over ranks, so the result is the one
     :func:`knn_evaluate` gives for all queries in one process. Exactly it when not distributed.
     """
+    return knn_evaluate_sharded_many(
+        bank, bank_labels, queries, query_labels, [k], temperature, num_classes
+    )[0]
+
+
+def knn_evaluate_sharded_many(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    ks: Sequence[int],
+    temperature: float = 0.1,
+    num_classes: int | None = None,
+) -> list[KNNResult]:
+    """:func:`knn_evaluate_sharded` for each k of ``ks`` (one similarity pass, one
+    all-reduce), in their order."""
     bank, bank_labels = _labelled_bank(bank, bank_labels)
     classes = num_classes
     if not classes:
@@ -234,7 +285,10 @@ def knn_evaluate_sharded(
         local = query_labels.max() if query_labels.numel() else no_label
         top_query_label = all_reduce(local.to(bank.device, torch.long), "max")
         classes = int(max(bank_labels.max().item(), top_query_label.item())) + 1
-    correct = knn_correct(bank, bank_labels, queries, query_labels, classes, k, temperature)
-    counts = torch.cat([correct, correct.new_tensor([queries.shape[0]])])  # (3,): top-1, top-5, M_r
-    totals = all_reduce(counts, "sum")  # (3,) over all ranks
-    return _result(totals[:2], int(totals[2]), k, temperature, bank.shape[0])
+    correct = knn_correct_many(bank, bank_labels, queries, query_labels, classes, ks, temperature)
+    # (len(ks) * 2 + 1,): the top-1 and top-5 counts of every k, then M_r
+    counts = torch.cat([correct.flatten(), correct.new_tensor([queries.shape[0]])])
+    totals = all_reduce(counts, "sum")
+    pairs, count = totals[:-1].view(-1, 2), int(totals[-1])  # (len(ks), 2) over all ranks
+    size = bank.shape[0]
+    return [_result(c, count, k, temperature, size) for c, k in zip(pairs, ks, strict=True)]
