@@ -1,4 +1,4 @@
-# mocoq: `make train` pre-trains MoCo v2 on Fashion-MNIST; `make test` runs the test suite.
+# mocoq: `make train` pre-trains MoCo v2 on Fashion-MNIST for 10 minutes; `make test` runs the tests.
 # Both set themselves up from a clean clone. `make help` lists every target.
 
 PYTHON     ?= python3
@@ -8,6 +8,8 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS       ?=
 PYTEST_ARGS ?=
+# The recipe `make train` runs (conf/experiment/); ARGS="experiment=..." picks another.
+TRAIN_RECIPE ?= fmnist_cpu_10min
 
 .DEFAULT_GOAL := help
 .PHONY: help setup data train test lint tb bench peer baselines plot clean
@@ -27,8 +29,8 @@ $(BIN)/.installed: pyproject.toml
 data: setup ## Make sure Fashion-MNIST is available (Debian package, else torchvision download)
 	@PYTHON=$(BIN)/python scripts/get_fashion_mnist.sh
 
-train: setup data ## Pre-train MoCo v2 on Fashion-MNIST on the CPU and report kNN accuracy (ARGS=overrides)
-	$(BIN)/mocoq-train $(ARGS)
+train: setup data ## Pre-train on Fashion-MNIST for 10 minutes of this CPU, report kNN accuracy (ARGS=overrides)
+	$(BIN)/mocoq-train $(if $(filter experiment=%,$(ARGS)),,experiment=$(TRAIN_RECIPE)) $(ARGS)
 
 test: setup ## Run the test suite (PYTEST_ARGS=... to select)
 	@PYTHON=$(BIN)/python scripts/get_fashion_mnist.sh || \

@@ -253,12 +253,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     monitor = next((c for c in trainer.callbacks if isinstance(c, KNNMonitor)), None)  # type: ignore[attr-defined]
     budget = next((c for c in trainer.callbacks if isinstance(c, TimeBudget)), None)  # type: ignore[attr-defined]
     per_epoch = model.steps_per_epoch()
-    budgeted = budget is not None and budget.plan is not None
+    by_steps = trainer.max_steps > 0  # sized in steps, or by a budget's plan
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"),
-        # A time-budgeted run ends where its steps run out: a fraction of its last epoch.
-        "epochs": round(trainer.global_step / per_epoch, 4) if budgeted else trainer.current_epoch,
+        # A run sized in steps ends where they run out: a fraction of its last epoch.
+        "epochs": round(trainer.global_step / per_epoch, 4) if by_steps else trainer.current_epoch,
         "steps": trainer.global_step,
         "steps_per_epoch": per_epoch,
         # trainer.fit's wall time: training, the kNN monitor's evaluations and checkpointing

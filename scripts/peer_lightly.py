@@ -5,15 +5,19 @@ For each seed:
 
 - **mocoq**: ``mocoq-train`` with the recipe (``--experiment``), ``--override``s, the seed and
   ``--epochs``; its kNN monitor is off (``~callbacks.knn``), so its fit time is training only.
+  Without ``--epochs`` a recipe sized by a time budget (``budget.minutes``) runs its budget
+  and lightly trains the steps it bought (equal epochs, a fraction where the budget ends
+  mid-epoch); a recipe sized in epochs runs its epochs.
 - **lightly**: lightly's MoCo (from PyPI) written as its example
   ``examples/pytorch_lightning/moco.py`` writes it (``MoCoProjectionHead``, ``NTXentLoss`` with a
   memory bank, ``update_momentum``, a momentum copy without gradients, plain BatchNorm, no batch
   shuffle), with lightly's ``MoCoV2Transform`` on PIL images in ``dataset.num_workers`` loader
   workers, ``pl.Trainer.fit``. Everything else is mocoq's config: the backbone (a fresh one of
-  the same class and seed), head sizes, temperature, EMA momentum (constant), queue size, SGD and
-  its learning rate (scaled to the batch), the per-step cosine schedule, batch, epochs,
-  precision and memory layout, and the transform's parameters (crop area, jitter strengths and
-  probability, grayscale, blur probability and sigmas, flip, normalisation).
+  the same class and seed), head sizes, temperature, EMA momentum and its schedule, queue size,
+  SGD and its learning rate (scaled to the batch), the per-step learning-rate schedule (warmup
+  and cosine, ``mocoq.schedules``), batch, steps, precision and memory layout, and the
+  transform's parameters (crop area, jitter strengths and probability, grayscale, blur
+  probability and sigmas, flip, normalisation).
 
 Both encoders are then evaluated by the same code (``scripts/baselines.py``'s ``knn_results``):
 query backbone features of the clean bank split and the clean val split, cosine weighted kNN
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -55,7 +60,7 @@ from mocoq.data.datasets import ArrayImageDataset
 from mocoq.eval.checkpoint import load_run_config
 from mocoq.eval.features import KNNResult
 from mocoq.module import channels_last_unsafe_convs
-from mocoq.schedules import cosine
+from mocoq.schedules import LRSchedule, ema_momentum_at
 from mocoq.train import scaled_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -71,14 +76,33 @@ from bench import (
 
 
 class ScheduledLightlyMoCo(LightlyMoCo):
-    """lightly's example module with mocoq's per-step cosine learning-rate schedule (to 0, no
-    warmup), so that the two runs differ only in the framework."""
+    """lightly's example module with the recipe's per-step learning-rate schedule and EMA
+    momentum schedule (``mocoq.schedules``, set by :func:`train_lightly`), so that the two runs
+    differ only in the framework."""
+
+    lr_schedule: LRSchedule = LRSchedule(kind="cosine")
+    momentum_schedule: str = "constant"
+    base_momentum: float = 0.99
+
+    def total_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        self.momentum = ema_momentum_at(
+            self.global_step, self.total_steps(), self.base_momentum, self.momentum_schedule
+        )
+        return super().training_step(batch, batch_idx)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = LambdaLR(optimizer, lambda step: cosine(step, total, 1.0, 0.0))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        total = self.total_steps()
+        per_epoch = max(1, int(self.trainer.num_training_batches))
+        schedule = self.lr_schedule
+        scheduler = LambdaLR(optimizer, lambda step: schedule(step, total, per_epoch))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def lightly_transform(cfg: DictConfig) -> Any:
@@ -142,6 +166,10 @@ def train_lightly(
     pl.seed_everything(seed, workers=True)  # the backbone's initial weights: the seed's
     # (the precision name only chooses a layout when none is given; the trainer sets precision)
     module = build_lightly(cfg, "fp32", channels_last, ScheduledLightlyMoCo, lr)
+    assert isinstance(module, ScheduledLightlyMoCo)
+    module.lr_schedule = instantiate(cfg.schedule)
+    module.momentum_schedule = str(cfg.model.ema_momentum_schedule)
+    module.base_momentum = float(cfg.model.ema_momentum)
     trainer = pl.Trainer(
         accelerator="cpu" if not torch.cuda.is_available() else "auto",
         devices=1,
@@ -173,15 +201,20 @@ def train_lightly(
 
 
 def run_mocoq(
-    experiment: str | None, overrides: Sequence[str], epochs: int, seed: int, run_dir: Path
+    experiment: str | None,
+    overrides: Sequence[str],
+    epochs: int | None,
+    seed: int,
+    run_dir: Path,
 ) -> tuple[nn.Module, dict[str, Any], DictConfig]:
-    """``mocoq-train`` as a user runs it (kNN monitor off); its trained query backbone."""
+    """``mocoq-train`` as a user runs it (kNN monitor off), for ``epochs`` or, with None, as
+    the recipe sizes it (its budget, or its epochs); its trained query backbone."""
     command = [
         str(Path(sys.executable).parent / "mocoq-train"),
         *([f"experiment={experiment}"] if experiment else []),
         *overrides,
         f"seed={seed}",
-        f"trainer.max_epochs={epochs}",
+        *([f"trainer.max_epochs={epochs}"] if epochs is not None else []),
         "~callbacks.knn",
         "report.raw_pixel_baseline=false",
         "trainer.enable_progress_bar=false",
@@ -191,13 +224,16 @@ def run_mocoq(
     subprocess.run(command, check=True)
     backbone, summary, cfg = load_mocoq_backbone(run_dir)
     steps = int(summary["steps"])
+    done = float(summary["epochs"])
     info = {
-        "epochs": int(summary["epochs"]),
+        "epochs": int(done) if done.is_integer() else round(done, 2),
         "steps": steps,
+        "steps_per_epoch": int(summary["steps_per_epoch"]),
         "fit_seconds": float(summary["fit_seconds"]),
         "images_per_s": round(steps * int(cfg.dataset.batch_size) / summary["fit_seconds"], 1),
         "run_dir": str(run_dir),
         "precision": str(cfg.trainer.precision),
+        "budget": summary.get("budget"),
     }
     return backbone, info, cfg
 
@@ -275,7 +311,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default=None, help="a recipe of conf/experiment")
     parser.add_argument("--override", action="append", default=[], help="config override")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: as the recipe sizes it (budget)"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--k", type=int, nargs="+", default=[200, 20])
     parser.add_argument("--temperature", type=float, default=0.1)
@@ -294,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"error: {missing}; run `make peer` or pip install lightly")
     quiet_lightning()
     cfg = compose_recipe(args.experiment, args.override)
-    epochs = args.epochs or int(cfg.trainer.max_epochs)
+    budgeted = args.epochs is None and cfg.get("budget", {}).get("minutes") is not None
+    epochs = None if budgeted else args.epochs or int(cfg.trainer.max_epochs)
     data = evaluation_data(cfg)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = args.out_dir / stamp
@@ -304,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine_info(),
         "experiment": args.experiment,
         "overrides": args.override,
-        "epochs": epochs,
+        "epochs": epochs,  # None: as the budget bought, per seed
         "k": args.k,
         "temperature": args.temperature,
         "runs": [],
@@ -324,8 +363,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         save()
         print(f"mocoq seed {seed}: {[round(r.top1, 4) for r in knn]} in {info['fit_seconds']} s")
         seeded = compose_recipe(args.experiment, [*args.override, f"seed={seed}"])
+        # Equal epochs: the same epochs, or the steps mocoq's budget bought.
+        lightly_epochs, steps = epochs or 0, -1
+        if epochs is None:
+            steps = int(info["steps"])
+            lightly_epochs = math.ceil(steps / info["steps_per_epoch"])
         backbone, lightly_info = train_lightly(
-            seeded, epochs, seed, out_dir / f"lightly_seed{seed}"
+            seeded, lightly_epochs, seed, out_dir / f"lightly_seed{seed}", steps
         )
         knn = evaluate(backbone, seeded, data, args.k, args.temperature)
         report["runs"].append(
@@ -340,9 +384,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             per_step = lightly_info["fit_seconds"] / lightly_info["steps"]
             fitting = int(info["fit_seconds"] / per_step)
             if fitting < lightly_info["steps"]:
-                backbone, timed = train_lightly(
-                    seeded, epochs, seed, out_dir / f"lightly_equal_time_seed{seed}", fitting
-                )
+                timed_dir = out_dir / f"lightly_equal_time_seed{seed}"
+                backbone, timed = train_lightly(seeded, lightly_epochs, seed, timed_dir, fitting)
                 knn = evaluate(backbone, seeded, data, args.k, args.temperature)
                 report["runs"].append(
                     {
@@ -353,7 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     }
                 )
             else:
-                print(f"seed {seed}: lightly is not slower: its {epochs} epochs fit mocoq's time")
+                done = lightly_info["steps"]
+                print(f"seed {seed}: lightly is not slower: its {done} steps fit mocoq's time")
             save()
     arms = sorted({row["arm"] for row in report["runs"]})
     report["summary"] = {}

@@ -66,21 +66,40 @@ def per_image(image: Tensor, params: AugmentParams, i: int, aug: BatchedMoCoAugm
     if params.blur[i]:
         sigma = float(params.sigma[i])
         x = TF.gaussian_blur(x, [aug.blur_kernel] * 2, [sigma, sigma])
+    if params.solarize[i]:
+        x = TF.solarize(x, aug.solarize_threshold)
     if params.flip[i]:
         x = TF.horizontal_flip(x)
-    return TF.normalize(x, list(aug.mean), list(aug.std))
+    x = TF.normalize(x, list(aug.mean), list(aug.std))
+    if params.erase[i]:
+        top, left, height, width = params.erase_box[i].tolist()
+        x = TF.erase(x, top, left, height, width, torch.zeros(()))
+    return x
 
 
-@pytest.mark.parametrize(("channels", "side", "size"), [(3, 32, 32), (1, 28, 28), (3, 40, 16)])
+@pytest.mark.parametrize(
+    ("channels", "side", "size", "extra"),
+    [
+        (3, 32, 32, False),
+        (1, 28, 28, False),
+        (3, 40, 16, False),
+        (1, 28, 28, True),  # solarize and random erasing too
+        (3, 32, 32, True),
+    ],
+)
 def test_matches_torchvision_ops_for_the_same_parameters(
-    channels: int, side: int, size: int
+    channels: int, side: int, size: int, extra: bool
 ) -> None:
     # Upscaling crops (side == size) and downscaling ones (40 -> 16, antialiased) alike.
-    aug = BatchedMoCoAugmentation(size, [0.4] * channels, [0.2] * channels, jitter_prob=0.9)
+    options = {"solarize_prob": 0.4, "erase_prob": 0.5} if extra else {}
+    aug = BatchedMoCoAugmentation(
+        size, [0.4] * channels, [0.2] * channels, jitter_prob=0.9, **options
+    )
     batch = images(48, channels, side)
     params = aug.sample_params(48, side, side, torch.Generator().manual_seed(1))
     assert params.jitter.any() and params.blur.any() and params.flip.any()
     assert params.grayscale.any() and not params.grayscale.all()
+    assert bool(params.solarize.any()) == bool(params.erase.any()) == extra
     views = aug.apply(batch, params)
     expected = torch.stack([per_image(batch[i], params, i, aug) for i in range(48)])
     torch.testing.assert_close(views, expected, atol=1e-4, rtol=0)
@@ -223,6 +242,26 @@ def test_grayscale_images_get_brightness_and_contrast_only() -> None:
     torch.testing.assert_close(view, batch.float() / 255)
 
 
+def test_erasing_follows_random_erasing_and_solarize_its_probability() -> None:
+    aug = BatchedMoCoAugmentation(
+        28, [0.5], [0.25], solarize_prob=0.3, erase_prob=0.6, erase_scale=(0.05, 0.3)
+    )
+    params = aug.sample_params(4000, 28, 28, torch.Generator().manual_seed(0))
+    assert abs(float(params.solarize.float().mean()) - 0.3) < 0.03
+    assert abs(float(params.erase.float().mean()) - 0.6) < 0.03  # nearly every draw fits
+    top, left, height, width = params.erase_box[params.erase].double().unbind(dim=1)
+    area = height * width / 28**2
+    assert area.min() >= 0.03 and area.max() <= 0.33  # the scale, up to rounding to pixels
+    assert float(area.mean()) == pytest.approx(0.175, abs=0.01)
+    ratio = (height / width).log()
+    assert ratio.min() >= math.log(0.3) - 0.25 and ratio.max() <= math.log(3.3) + 0.25
+    assert (top + height).max() <= 28 and (left + width).max() <= 28
+    plain = BatchedMoCoAugmentation(28, [0.5], [0.25]).sample_params(
+        64, 28, 28, torch.Generator().manual_seed(0)
+    )
+    assert not plain.erase.any() and not plain.solarize.any()
+
+
 def test_from_transform_reads_the_per_image_recipe() -> None:
     single = MoCoAugmentation(
         24,
@@ -235,9 +274,22 @@ def test_from_transform_reads_the_per_image_recipe() -> None:
         blur_prob=0.4,
         blur_sigma=(0.2, 1.0),
         flip_prob=0.25,
+        crop_ratio=(0.5, 2.0),
+        solarize_prob=0.2,
+        solarize_threshold=0.6,
+        erase_prob=0.3,
+        erase_scale=(0.1, 0.2),
+        erase_ratio=(0.5, 1.5),
     )
     batched = BatchedMoCoAugmentation.from_transform(single)
     assert batched.image_size == 24 and batched.crop_scale == (0.3, 0.9)
+    assert batched.crop_ratio == (0.5, 2.0)
+    assert (batched.solarize_prob, batched.solarize_threshold) == (0.2, pytest.approx(0.6))
+    assert (batched.erase_prob, batched.erase_scale, batched.erase_ratio) == (
+        0.3,
+        (0.1, 0.2),
+        (0.5, 1.5),
+    )
     assert batched.jitter_ranges == [(0.6, 1.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]
     assert (batched.jitter_prob, batched.grayscale_prob, batched.blur_prob, batched.flip_prob) == (
         0.7,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -175,3 +176,28 @@ def test_peer_runs_both_arms_and_evaluates_them_alike(
     (again,) = peer.evaluate(backbone, run_cfg, peer.evaluation_data(run_cfg), [5], 0.1)
     assert again.top1 == arms["mocoq"]["knn"][0]["top1"]
     assert "| 0 | mocoq | 2 |" in printed and "| 0 | lightly | 2 |" in printed
+
+
+def test_peer_of_a_budgeted_recipe_gives_lightly_the_steps_the_budget_bought(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("lightly", reason="lightly is in the dev extra (pip install -e .[dev])")
+    peer = _script("peer_lightly", monkeypatch)
+    tests = Path(__file__).resolve().parent  # faults.FakeClock, for mocoq-train's process
+    monkeypatch.setenv("PYTHONPATH", f"{tests}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # 0.2 min at 0.5 s a step on the fake clock: 24 steps, 1.5 epochs of 16.
+    budget = [
+        "budget.minutes=0.2",
+        "budget.skip_steps=2",
+        "budget.timed_steps=4",
+        "budget.reserve=0",
+        "+callbacks.clock._target_=faults.FakeClock",
+        "+callbacks.clock.seconds_per_step=0.5",
+    ]
+    overrides = [arg for o in [*TINY, *budget] for arg in ("--override", o)]
+    peer.main([*overrides, "--seeds", "0", "--k", "5", "--out-dir", str(tmp_path)])
+    (report_file,) = tmp_path.glob("*/peer.json")
+    arms = {row["arm"]: row for row in json.loads(report_file.read_text())["runs"]}
+    assert arms["mocoq"]["budget"]["total_steps"] == arms["mocoq"]["steps"] == 24
+    assert arms["mocoq"]["epochs"] == 1.5
+    assert arms["lightly"]["steps"] == 24 and arms["lightly"]["epochs"] == 1.5

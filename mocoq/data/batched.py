@@ -14,8 +14,12 @@ random parameters as the per-image recipe :class:`mocoq.data.transforms.MoCoAugm
   order per sample: at each of the 4 positions every sample blends with its own factor and
   reference (factor 1 is the identity) and the samples whose op there is hue are rotated.
 * RandomGrayscale, Gaussian blur (per-sample sigma, a depthwise separable convolution with
-  per-sample kernels, reflect padding; unblurred samples get a delta kernel) and the flip
-  (folded into the crop's column matrix: every later op commutes with a horizontal flip).
+  per-sample kernels, reflect padding; unblurred samples get a delta kernel), RandomSolarize
+  (pixels at or above the threshold inverted) and the flip (folded into the crop's column
+  matrix: every later op commutes with a horizontal flip).
+* RandomErasing after the normalisation: torchvision's 10 tries of an area fraction and a
+  log-uniform aspect ratio, drawn at once; the first that fits strictly inside the image is
+  set to 0, and a sample where none fits is left whole.
 
 Differences from the per-image path: it computes in float32 throughout, while torchvision
 rounds to uint8 after the crop, each jitter op, grayscale and blur (up to 0.5/255 per step).
@@ -57,6 +61,10 @@ class AugmentParams:
         grayscale: converted to grayscale, bool (N,).
         blur: blurred, bool (N,).
         sigma: blur sigma, float32 (N,) (drawn for every sample, used where ``blur``).
+        solarize: solarized, bool (N,) (all False when the recipe has no solarize).
+        erase: a rectangle erased, bool (N,) (all False when the recipe has no erasing).
+        erase_box: the erased rectangle (top, left, height, width) in output pixels, int64
+            (N, 4) (used where ``erase``).
     """
 
     top: Tensor
@@ -70,6 +78,9 @@ class AugmentParams:
     grayscale: Tensor
     blur: Tensor
     sigma: Tensor
+    solarize: Tensor
+    erase: Tensor
+    erase_box: Tensor
 
 
 def _uniform(low: float, high: float, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -166,6 +177,10 @@ class BatchedMoCoAugmentation:
         blur_sigma: (low, high) range of the blur's sigma.
         flip_prob: probability of a horizontal flip.
         crop_ratio: aspect-ratio range of RandomResizedCrop (torchvision's default).
+        solarize_prob: probability of solarizing, with ``solarize_threshold`` a fraction of
+            the intensity range.
+        erase_prob: probability of erasing a rectangle of area ``erase_scale`` and aspect
+            ratio ``erase_ratio`` to 0 after the normalisation.
     """
 
     def __init__(
@@ -181,6 +196,11 @@ class BatchedMoCoAugmentation:
         blur_sigma: Sequence[float] = (0.1, 2.0),
         flip_prob: float = 0.5,
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        solarize_prob: float = 0.0,
+        solarize_threshold: float = 0.5,
+        erase_prob: float = 0.0,
+        erase_scale: Sequence[float] = (0.02, 0.33),
+        erase_ratio: Sequence[float] = (0.3, 3.3),
     ) -> None:
         if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(
@@ -215,6 +235,11 @@ class BatchedMoCoAugmentation:
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         self.blur_kernel = blur_kernel_size(image_size)
         self.flip_prob = flip_prob
+        self.solarize_prob = solarize_prob
+        self.solarize_threshold = float(solarize_threshold)
+        self.erase_prob = erase_prob
+        self.erase_scale = (float(erase_scale[0]), float(erase_scale[1]))
+        self.erase_ratio = (float(erase_ratio[0]), float(erase_ratio[1]))
 
     @classmethod
     def from_transform(cls, augmentation: MoCoAugmentation) -> BatchedMoCoAugmentation:
@@ -253,6 +278,13 @@ class BatchedMoCoAugmentation:
                 kernel = inner.kernel_size
             elif isinstance(step, v2.RandomHorizontalFlip):
                 options.update(flip_prob=step.p)
+            elif isinstance(step, v2.RandomSolarize):
+                # The per-image step solarizes uint8 images: its threshold is in 0-255.
+                options.update(solarize_prob=step.p, solarize_threshold=step.threshold / 255.0)
+            elif isinstance(step, v2.RandomErasing):
+                if step.value != [0.0]:
+                    raise ValueError(f"no batched version of {step} (it erases to 0 only)")
+                options.update(erase_prob=step.p, erase_scale=step.scale, erase_ratio=step.ratio)
             elif isinstance(step, v2.Normalize):
                 options.update(mean=step.mean, std=step.std)
             elif not isinstance(step, v2.ToDtype):
@@ -305,9 +337,38 @@ class BatchedMoCoAugmentation:
         factors = torch.where(jitter[:, None], factors, neutral)
         order = torch.rand((n, 4), generator=generator, device=device).argsort(dim=1)
         sigma = _uniform(*self.blur_sigma, (n,), generator)
+        # Drawn only when the recipe has them, so that recipes without them draw as before.
+        solarize = torch.zeros(n, dtype=torch.bool, device=device)
+        if self.solarize_prob > 0:
+            solarize = torch.rand(n, generator=generator, device=device) < self.solarize_prob
+        erase = torch.zeros(n, dtype=torch.bool, device=device)
+        erase_box = torch.zeros((n, 4), dtype=torch.long, device=device)
+        if self.erase_prob > 0:
+            erase, erase_box = self._erase_boxes(n, generator)
         return AugmentParams(
-            top, left, crop_h, crop_w, flip, jitter, factors, order, grayscale, blur, sigma
-        )
+            top, left, crop_h, crop_w, flip, jitter, factors, order, grayscale, blur, sigma,
+            solarize, erase, erase_box,
+        )  # fmt: skip
+
+    def _erase_boxes(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """RandomErasing's draw for ``n`` output images (S x S): whether each is erased, bool
+        (N,), and its box (top, left, height, width), int64 (N, 4). 10 tries of an area
+        uniform in ``erase_scale`` and an aspect ratio log-uniform in ``erase_ratio``; the
+        first that fits strictly inside wins, with a uniform offset; none fits: not erased."""
+        size, tries, device = self.image_size, 10, generator.device
+        coin = torch.rand(n, generator=generator, device=device) < self.erase_prob
+        area = float(size * size) * _uniform(*self.erase_scale, (n, tries), generator).double()
+        log_low, log_high = math.log(self.erase_ratio[0]), math.log(self.erase_ratio[1])
+        ratio = torch.exp(_uniform(log_low, log_high, (n, tries), generator).double())
+        height = torch.round(torch.sqrt(area * ratio)).long()  # (N, tries)
+        width = torch.round(torch.sqrt(area / ratio)).long()
+        fits = (height < size) & (width < size)
+        first = fits.int().argmax(dim=1, keepdim=True)  # (N, 1)
+        height, width = height.gather(1, first)[:, 0], width.gather(1, first)[:, 0]  # (N,)
+        offsets = torch.rand((n, 2), generator=generator, device=device, dtype=torch.float64)
+        top = (offsets[:, 0] * (size - height + 1)).floor().long()
+        left = (offsets[:, 1] * (size - width + 1)).floor().long()
+        return coin & fits.any(dim=1), torch.stack([top, left, height, width], dim=1)
 
     def _fallback_crop(self, height: int, width: int) -> tuple[int, int]:
         """(width, height) of RandomResizedCrop's centre-crop fallback."""
@@ -333,9 +394,24 @@ class BatchedMoCoAugmentation:
             x = torch.where(params.grayscale[:, None, None, None], grayscale(x).expand_as(x), x)
         if self.blur_prob > 0:
             x = self._blur(x, params)
+        if self.solarize_prob > 0:
+            inverted = torch.where(x >= self.solarize_threshold, 1.0 - x, x)
+            x = torch.where(params.solarize[:, None, None, None], inverted, x)
         mean = torch.tensor(self.mean, device=x.device).view(1, channels, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, channels, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        if self.erase_prob > 0:
+            x = self._erase(x, params)
+        return x
+
+    def _erase(self, x: Tensor, params: AugmentParams) -> Tensor:
+        """Set each erased sample's box of (N, C, S, S) to 0."""
+        pixels = torch.arange(x.shape[-1], device=x.device)  # (S,)
+        top, left, height, width = params.erase_box.unbind(dim=1)  # (N,) each
+        rows = (pixels >= top[:, None]) & (pixels < (top + height)[:, None])  # (N, S)
+        columns = (pixels >= left[:, None]) & (pixels < (left + width)[:, None])  # (N, S)
+        box = rows[:, :, None] & columns[:, None, :] & params.erase[:, None, None]  # (N, S, S)
+        return x.masked_fill(box[:, None], 0.0)
 
     def _color_jitter(self, x: Tensor, params: AugmentParams) -> Tensor:
         """Each sample's four jitter ops in its own order, on floats in [0, 1] (N, C, S, S)."""
@@ -403,8 +479,9 @@ class BatchedMoCoAugmentation:
         fields = ", ".join(
             f"{name}={getattr(self, name)}"
             for name in (
-                *("image_size", "crop_scale", "jitter", "jitter_prob", "grayscale_prob"),
-                *("blur_prob", "blur_sigma", "flip_prob"),
+                *("image_size", "crop_scale", "crop_ratio", "jitter", "jitter_prob"),
+                *("grayscale_prob", "blur_prob", "blur_sigma", "flip_prob", "solarize_prob"),
+                "erase_prob",
             )
         )
         return f"{type(self).__name__}({fields})"

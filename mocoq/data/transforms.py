@@ -29,11 +29,18 @@ class MoCoAugmentation:
         image_size: output side S.
         mean, std: per-channel normalisation (one value per channel).
         crop_scale: area range of RandomResizedCrop.
+        crop_ratio: aspect-ratio range of RandomResizedCrop (torchvision's default 3/4-4/3).
         jitter: (brightness, contrast, saturation, hue) strengths of ColorJitter.
         jitter_prob: probability of applying the colour jitter.
         grayscale_prob: probability of converting to grayscale.
         blur_prob: probability of Gaussian blur with sigma in ``blur_sigma``.
         flip_prob: probability of a horizontal flip.
+        solarize_prob: probability of solarizing (pixels at or above ``solarize_threshold``, a
+            fraction of the intensity range, are inverted): the intensity change left for
+            grayscale images, where hue and saturation do nothing.
+        erase_prob: probability of erasing one rectangle (RandomErasing: area ``erase_scale``
+            of the image, aspect ratio in ``erase_ratio``) to the normalised mean (0), after
+            the normalisation.
     """
 
     def __init__(
@@ -48,6 +55,12 @@ class MoCoAugmentation:
         blur_prob: float = 0.5,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         flip_prob: float = 0.5,
+        crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+        solarize_prob: float = 0.0,
+        solarize_threshold: float = 0.5,
+        erase_prob: float = 0.0,
+        erase_scale: Sequence[float] = (0.02, 0.33),
+        erase_ratio: Sequence[float] = (0.3, 3.3),
     ) -> None:
         if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
             raise ValueError(
@@ -57,8 +70,14 @@ class MoCoAugmentation:
             raise ValueError(
                 f"jitter must be (brightness, contrast, saturation, hue), got {jitter}"
             )
+        if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(
+                f"crop_ratio must be (low, high) with 0 < low <= high, got {crop_ratio}"
+            )
         steps: list[torch.nn.Module] = [
-            v2.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True)
+            v2.RandomResizedCrop(
+                image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True
+            )
         ]
         if jitter_prob > 0 and any(jitter):
             brightness, contrast, saturation, hue = jitter
@@ -69,9 +88,26 @@ class MoCoAugmentation:
         if blur_prob > 0:
             blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(blur_sigma))
             steps.append(v2.RandomApply([blur], p=blur_prob))
+        if not 0.0 < solarize_threshold <= 1.0:
+            raise ValueError(f"solarize_threshold must be in (0, 1], got {solarize_threshold}")
+        if solarize_prob > 0:
+            # On the uint8 image: the threshold in its 0-255 range.
+            threshold = solarize_threshold * 255.0
+            steps.append(v2.RandomSolarize(threshold=threshold, p=solarize_prob))
         if flip_prob > 0:
             steps.append(v2.RandomHorizontalFlip(p=flip_prob))
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+        if erase_prob > 0:
+            if len(erase_scale) != 2 or not 0 < erase_scale[0] <= erase_scale[1] < 1:
+                raise ValueError(
+                    f"erase_scale must be (low, high) with 0 < low <= high < 1, got {erase_scale}"
+                )
+            if len(erase_ratio) != 2 or not 0 < erase_ratio[0] <= erase_ratio[1]:
+                raise ValueError(
+                    f"erase_ratio must be (low, high) with 0 < low <= high, got {erase_ratio}"
+                )
+            scale, ratio = tuple(erase_scale), tuple(erase_ratio)
+            steps.append(v2.RandomErasing(p=erase_prob, scale=scale, ratio=ratio, value=0.0))
         self.transform = v2.Compose(steps)
 
     def __call__(self, image: Tensor) -> tuple[Tensor, Tensor]:
