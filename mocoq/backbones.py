@@ -70,6 +70,9 @@ class SmallResNet(nn.Module):
         stem_stride: stride of the small-image stem: 1 keeps the input's resolution in the
             first stage, 2 halves it (a quarter of the compute of every stage; on 28 px
             Fashion-MNIST the stages then run at 14, 7, 4 and 2 px).
+        strides: stride of each stage's first block; None: 1 for the first stage, 2 after.
+            ``[2, 2, 2, 2]`` keeps the stem at the input's resolution and halves it from the
+            first stage on.
     """
 
     def __init__(
@@ -79,12 +82,16 @@ class SmallResNet(nn.Module):
         blocks: Sequence[int] = (1, 1, 1, 1),
         small_image_stem: bool = True,
         stem_stride: int = 1,
+        strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(widths) != len(blocks) or not widths:
             raise ValueError(
                 f"widths and blocks need one entry per stage, got {list(widths)} and {list(blocks)}"
             )
+        strides = [1] + [2] * (len(widths) - 1) if strides is None else list(strides)
+        if len(strides) != len(widths) or any(stride not in (1, 2) for stride in strides):
+            raise ValueError(f"strides needs one 1 or 2 per stage, got {strides}")
         if stem_stride not in (1, 2):
             raise ValueError(f"stem_stride must be 1 or 2, got {stem_stride}")
         if stem_stride != 1 and not small_image_stem:
@@ -97,8 +104,7 @@ class SmallResNet(nn.Module):
         )
         stages: list[nn.Module] = []
         inplanes = widths[0]
-        for index, (width, count) in enumerate(zip(widths, blocks, strict=True)):
-            stride = 1 if index == 0 else 2
+        for width, count, stride in zip(widths, blocks, strides, strict=True):
             downsample = None
             if stride != 1 or inplanes != width:
                 downsample = nn.Sequential(

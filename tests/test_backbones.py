@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -13,7 +14,12 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import models
 
-from mocoq.backbones import supported_torchvision_models, torchvision_backbone, torchvision_resnet
+from mocoq.backbones import (
+    SmallResNet,
+    supported_torchvision_models,
+    torchvision_backbone,
+    torchvision_resnet,
+)
 from mocoq.heads import ProjectionHead
 from mocoq.module import MoCoModule
 from mocoq.norm import SplitBatchNorm2d, convert_to_split_batchnorm
@@ -254,3 +260,32 @@ def test_moco_trains_with_a_torchvision_backbone(key_bn: str, tmp_path: Path) ->
     assert module.backbone.state_dict()[stem].shape == (16, 1, 3, 3)
     assert not torch.equal(module.backbone.state_dict()[stem], query_before[stem])  # SGD moved it
     assert not torch.equal(module.key_backbone.state_dict()[stem], key_before[stem])  # EMA too
+
+
+@pytest.mark.parametrize(
+    ("options", "sides"),
+    [
+        ({}, [28, 14, 7, 4]),  # the stem and the first stage at the input's resolution
+        ({"strides": [2, 2, 2, 2]}, [14, 7, 4, 2]),  # the stem at 28 px, the stages from 14
+        ({"stem_stride": 2}, [14, 7, 4, 2]),  # nothing at 28 px
+        ({"strides": [1, 1, 2, 2]}, [28, 28, 14, 7]),
+    ],
+)
+def test_small_resnet_stage_resolutions(options: dict[str, Any], sides: list[int]) -> None:
+    model = SmallResNet(1, widths=(8, 16, 16, 32), **options)
+    seen: list[int] = []
+    for stage in model.layers:
+        stage.register_forward_hook(lambda _m, _i, out: seen.append(out.shape[-1]))
+    stem = model.conv1(torch.zeros(1, 1, 28, 28))
+    assert stem.shape[-1] == (14 if options.get("stem_stride") == 2 else 28)
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 32)
+    assert seen == sides
+
+
+def test_small_resnet_refuses_bad_strides() -> None:
+    with pytest.raises(ValueError, match=r"strides needs one 1 or 2 per stage, got \[1, 2\]"):
+        SmallResNet(1, widths=(8, 16, 32), blocks=(1, 1, 1), strides=[1, 2])
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2, got 3"):
+        SmallResNet(1, stem_stride=3)
+    with pytest.raises(ValueError, match="stem_stride applies to the small-image stem"):
+        SmallResNet(1, small_image_stem=False, stem_stride=2)

@@ -135,6 +135,7 @@ def test_budget_sizes_the_run_and_its_schedules_from_the_measured_rate(
     # protocol after the last, with k=20 beside it.
     assert [step for step, _ in logged["knn/top1"]][:2] == [8, 16]
     assert len(logged["knn/top1"]) == 3 and len(logged["knn/top1_k20"]) == 1
+    assert logged["budget/total_steps"] == [(6, 24.0)]
     assert [r["k"] for r in summary["knn_extra"]] == [20]
     assert [r["k"] for r in summary["knn_raw_pixels_extra"]] == [20]
 

@@ -31,6 +31,9 @@ class TimeBudget(pl.Callback):
     its rate was measured measures again when resumed, counting the budget its earlier part
     spent. Under DDP rank 0's measurement is broadcast, so every rank stops at the same step.
 
+    The plan is logged as ``budget/total_steps``, ``budget/epochs`` and
+    ``budget/steps_per_second`` at the step it is made, and printed.
+
     Args:
         minutes: the budget: the wall time of ``trainer.fit`` (start-up, training, the kNN
             monitor's evaluations and checkpoints), not counting the final full-protocol kNN
@@ -126,6 +129,11 @@ class TimeBudget(pl.Callback):
         )
         self._apply(trainer, self.plan)
         rank_zero_info(self.plan.describe())
+        plan = self.plan
+        for logger in trainer.loggers:  # budget/*: what the measurement bought, at its step
+            metrics = {"budget/total_steps": float(plan.total_steps), "budget/epochs": plan.epochs}
+            metrics["budget/steps_per_second"] = plan.steps_per_second
+            logger.log_metrics(metrics, step=step)
 
     @staticmethod
     def _apply(trainer: pl.Trainer, plan: BudgetPlan) -> None:
