@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 from pathlib import Path
@@ -130,6 +131,23 @@ def test_train_loader_yields_two_views_and_drops_the_last_partial_batch() -> Non
     (view_a, view_b), targets = batches[0]
     assert view_a.shape == view_b.shape == (16, 3, 12, 12)
     assert targets.shape == (16,)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_smaller_views_train_while_clean_images_keep_the_image_size(on_device: bool) -> None:
+    augment = functools.partial(MoCoAugmentation, view_size=8, blur_prob=0.5)
+    datamodule = make_datamodule(augment=augment, augment_on_device=on_device)
+    datamodule.setup("fit")
+    batch = datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+    (view_a, view_b), _ = batch
+    assert view_a.shape == view_b.shape == (16, 3, 8, 8)
+    bank = datamodule.knn_bank_dataloader()
+    assert bank is not None and next(iter(bank))[0].shape == (32, 3, 12, 12)
+    if on_device:
+        assert datamodule.batched_augment is not None
+        assert datamodule.batched_augment.image_size == 8
+    with pytest.raises(ValueError, match="view_size must be at least 2"):
+        MoCoAugmentation(12, [0.5], [0.5], view_size=1)
 
 
 def test_clean_loaders_are_unaugmented_and_complete() -> None:

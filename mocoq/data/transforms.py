@@ -26,8 +26,11 @@ class MoCoAugmentation:
     blur_prob=0``. Call it on a uint8 image (C, H, W) to get two float views (C, S, S).
 
     Args:
-        image_size: output side S.
+        image_size: output side S (the side of the clean images the encoder is evaluated on).
         mean, std: per-channel normalisation (one value per channel).
+        view_size: the augmented views' side when it is not ``image_size``: a smaller one
+            trains faster (a convolution's cost grows with the pixels); the encoder, global
+            pooling at its end, still embeds clean images of ``image_size``.
         crop_scale: area range of RandomResizedCrop.
         crop_ratio: aspect-ratio range of RandomResizedCrop (torchvision's default 3/4-4/3).
         jitter: (brightness, contrast, saturation, hue) strengths of ColorJitter.
@@ -55,6 +58,7 @@ class MoCoAugmentation:
         blur_prob: float = 0.5,
         blur_sigma: Sequence[float] = (0.1, 2.0),
         flip_prob: float = 0.5,
+        view_size: int | None = None,
         crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
         solarize_prob: float = 0.0,
         solarize_threshold: float = 0.5,
@@ -74,9 +78,12 @@ class MoCoAugmentation:
             raise ValueError(
                 f"crop_ratio must be (low, high) with 0 < low <= high, got {crop_ratio}"
             )
+        if view_size is not None and view_size < 2:
+            raise ValueError(f"view_size must be at least 2 (or null), got {view_size}")
+        side = image_size if view_size is None else view_size
         steps: list[torch.nn.Module] = [
             v2.RandomResizedCrop(
-                image_size, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True
+                side, scale=tuple(crop_scale), ratio=tuple(crop_ratio), antialias=True
             )
         ]
         if jitter_prob > 0 and any(jitter):
@@ -86,7 +93,7 @@ class MoCoAugmentation:
         if grayscale_prob > 0:
             steps.append(v2.RandomGrayscale(p=grayscale_prob))
         if blur_prob > 0:
-            blur = v2.GaussianBlur(blur_kernel_size(image_size), sigma=tuple(blur_sigma))
+            blur = v2.GaussianBlur(blur_kernel_size(side), sigma=tuple(blur_sigma))
             steps.append(v2.RandomApply([blur], p=blur_prob))
         if not 0.0 < solarize_threshold <= 1.0:
             raise ValueError(f"solarize_threshold must be in (0, 1], got {solarize_threshold}")
