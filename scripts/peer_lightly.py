@@ -106,13 +106,27 @@ class ScheduledLightlyMoCo(LightlyMoCo):
 
 
 def lightly_transform(cfg: DictConfig) -> Any:
-    """lightly's ``MoCoV2Transform`` with the parameters of the config's augmentation."""
+    """lightly's ``MoCoV2Transform`` with the parameters of the config's augmentation.
+
+    Its crop is set to the recipe's (output size ``augment.view_size``, area ``crop_scale``,
+    aspect range ``crop_ratio``), which ``MoCoV2Transform`` has no arguments for; a recipe
+    with an op lightly's transform lacks (solarize, random erasing) is refused, since the two
+    sides would not train on the same views.
+    """
     from lightly.transforms.moco_transform import MoCoV2Transform
+    from torchvision.transforms import v2 as T
 
     augment = cfg.augment
+    lacking = [key for key in ("solarize_prob", "erase_prob") if float(augment.get(key, 0.0)) > 0.0]
+    if lacking:
+        raise SystemExit(
+            f"error: lightly's MoCoV2Transform has no {' or '.join(lacking)}; "
+            f"compare with augment.{lacking[0]}=0"
+        )
     brightness, contrast, saturation, hue = (float(x) for x in augment.jitter)
-    return MoCoV2Transform(
-        input_size=int(cfg.dataset.image_size),
+    view_size = augment.get("view_size") or cfg.dataset.image_size
+    transform = MoCoV2Transform(
+        input_size=int(view_size),
         cj_prob=float(augment.jitter_prob),
         cj_strength=1.0,
         cj_bright=brightness,
@@ -128,6 +142,14 @@ def lightly_transform(cfg: DictConfig) -> Any:
         rr_prob=0.0,
         normalize={"mean": list(cfg.dataset.mean), "std": list(cfg.dataset.std)},
     )
+    ratio = tuple(float(x) for x in augment.get("crop_ratio", (3 / 4, 4 / 3)))
+    scale = (float(augment.crop_scale[0]), float(augment.crop_scale[1]))
+    for view in transform.transforms:
+        steps = view.transform.transforms
+        for i, step in enumerate(steps):
+            if isinstance(step, T.RandomResizedCrop):  # lightly builds torchvision's v2 crop
+                steps[i] = T.RandomResizedCrop(int(view_size), scale=scale, ratio=ratio)
+    return transform
 
 
 def _layout(cfg: DictConfig, backbone: nn.Module) -> bool:

@@ -128,6 +128,18 @@ def test_peer_transform_and_schedule_are_the_configs(
     assert blur.prob == 0.0
     normalize = transform[names.index("Normalize")]
     assert list(normalize.mean) == list(cfg.dataset.mean)
+    # the recipe's view size and aspect range, on both views
+    cfg = baselines.compose_recipe(
+        None, [*TINY, "augment.view_size=12", "augment.crop_ratio=[0.9,1.1]"]
+    )
+    for view in peer.lightly_transform(cfg).transforms:
+        crops = [t for t in view.transform.transforms if type(t).__name__ == "RandomResizedCrop"]
+        assert len(crops) == 1
+        assert crops[0].size == (12, 12) and crops[0].ratio == (0.9, 1.1)
+    # an op lightly's transform lacks is refused, naming the key
+    cfg = baselines.compose_recipe(None, [*TINY, "augment.erase_prob=0.5"])
+    with pytest.raises(SystemExit, match=r"augment\.erase_prob=0"):
+        peer.lightly_transform(cfg)
 
 
 def test_peer_runs_both_arms_and_evaluates_them_alike(
