@@ -213,3 +213,26 @@ def test_peer_of_a_budgeted_recipe_gives_lightly_the_steps_the_budget_bought(
     assert arms["mocoq"]["budget"]["total_steps"] == arms["mocoq"]["steps"] == 24
     assert arms["mocoq"]["epochs"] == 1.5
     assert arms["lightly"]["steps"] == 24 and arms["lightly"]["epochs"] == 1.5
+
+
+def test_probe_and_recipe_speed_run_real_training(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probe = _script("probe", monkeypatch)
+    monkeypatch.setitem(sys.modules, "probe", probe)  # recipe_speed imports it by name
+    speed = _script("recipe_speed", monkeypatch)
+    out = tmp_path / "probes.jsonl"
+    args = ["--steps", "3", "--out", str(out), "--probe", "tiny", " ".join(TINY)]
+    probe.main(args)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["steps"] == 3 and row["budget"] is None
+    assert set(row["knn"]) == {"5", "20"}  # the monitor's k and its extra k
+    assert "trainer.max_steps=3" in row["command"] and "budget.minutes=null" in row["command"]
+    probe.main(args)  # a probe already in the file is not run again
+    assert len(out.read_text().splitlines()) == 1
+    assert "already in" in capsys.readouterr().out
+
+    rate = speed.pairs_per_second(TINY, 4, tmp_path / "speed")
+    summary = json.loads((tmp_path / "speed" / "summary.json").read_text())
+    assert summary["steps"] == 4 and "knn" not in summary  # trained without the monitor
+    assert rate == pytest.approx(4 * 16 / summary["fit_seconds"])
