@@ -363,7 +363,7 @@ def format_summary(summary: dict[str, Any]) -> str:
             "cosine):".ljust(54)
             + "".join(f"{f'k={k}':>9}" for k in ks)
         )
-        rows = [(f"mocoq encoder ({summary['epochs']:g} epochs)", encoder)]
+        rows = [(f"mocoq encoder ({round(summary['epochs'], 2):g} epochs)", encoder)]
         for key, label in (("knn_random_init", "random init"), ("knn_raw_pixels", "raw pixels")):
             if key in summary:
                 rows.append((label, _knn_rows(summary, key)))

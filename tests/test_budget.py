@@ -224,3 +224,41 @@ def test_budget_values_are_checked(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         validate_config(make_cfg(*overrides))
+
+
+def test_the_report_states_the_budget_and_the_gap_to_pixels_at_every_k() -> None:
+    from mocoq.train import format_summary
+
+    def knn(k: int, top1: float) -> dict[str, float]:
+        return {"k": k, "top1": top1, "temperature": 0.1}
+
+    summary = {
+        "run_dir": "run",
+        "checkpoint": "run/last.ckpt",
+        "epochs": 4.034188,
+        "fit_seconds": 594.0,
+        "dataset": {"queries": "test", "bank": "train"},
+        "budget": {
+            "minutes": 10.0,
+            "total_steps": 1888,
+            "epochs": 4.034188,
+            "steps_per_second": 3.3216,
+            "measured_from": 10,
+            "measured_to": 60,
+        },
+        "knn": knn(200, 0.8331),
+        "knn_extra": [knn(20, 0.8684)],
+        "knn_raw_pixels": knn(200, 0.8178),
+        "knn_raw_pixels_extra": [knn(20, 0.8547)],
+    }
+    lines = format_summary(summary).splitlines()
+    assert (
+        "Budget        : 10 min bought 1,888 steps (4.03 epochs) at 3.32 steps/s, measured over "
+        "steps 10-60; fit took 9.9 min" in lines
+    )
+    encoder = next(line for line in lines if "mocoq encoder" in line)
+    assert "(4.03 epochs)" in encoder and encoder.split()[-2:] == ["0.8331", "0.8684"]
+    pixels = next(line for line in lines if line.strip().startswith("raw pixels"))
+    assert pixels.split()[-2:] == ["0.8178", "0.8547"]
+    gap = next(line for line in lines if "encoder - raw pixels" in line)
+    assert gap.split()[-2:] == ["+1.53", "+1.37"]
