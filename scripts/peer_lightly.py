@@ -109,19 +109,20 @@ def lightly_transform(cfg: DictConfig) -> Any:
     """lightly's ``MoCoV2Transform`` with the parameters of the config's augmentation.
 
     Its crop is set to the recipe's (output size ``augment.view_size``, area ``crop_scale``,
-    aspect range ``crop_ratio``), which ``MoCoV2Transform`` has no arguments for; a recipe
-    with an op lightly's transform lacks (solarize, random erasing) is refused, since the two
-    sides would not train on the same views.
+    aspect range ``crop_ratio``) and, where the recipe solarizes, lightly's own
+    ``RandomSolarization`` (the op of its BYOL transform) follows the blur as mocoq's does:
+    ``MoCoV2Transform`` has no arguments for either. A recipe with random erasing, which
+    lightly has no op for, is refused, since the two sides would not train on the same views.
     """
+    from lightly.transforms.gaussian_blur import GaussianBlur
     from lightly.transforms.moco_transform import MoCoV2Transform
+    from lightly.transforms.solarize import RandomSolarization
     from torchvision.transforms import v2 as T
 
     augment = cfg.augment
-    lacking = [key for key in ("solarize_prob", "erase_prob") if float(augment.get(key, 0.0)) > 0.0]
-    if lacking:
+    if float(augment.get("erase_prob", 0.0)) > 0.0:
         raise SystemExit(
-            f"error: lightly's MoCoV2Transform has no {' or '.join(lacking)}; "
-            f"compare with augment.{lacking[0]}=0"
+            "error: lightly's transforms have no random erasing; compare with augment.erase_prob=0"
         )
     brightness, contrast, saturation, hue = (float(x) for x in augment.jitter)
     view_size = augment.get("view_size") or cfg.dataset.image_size
@@ -144,11 +145,17 @@ def lightly_transform(cfg: DictConfig) -> Any:
     )
     ratio = tuple(float(x) for x in augment.get("crop_ratio", (3 / 4, 4 / 3)))
     scale = (float(augment.crop_scale[0]), float(augment.crop_scale[1]))
-    for view in transform.transforms:
+    solarize = float(augment.get("solarize_prob", 0.0))
+    # The two views may be one object: each distinct pipeline is changed once.
+    for view in {id(view): view for view in transform.transforms}.values():
         steps = view.transform.transforms
         for i, step in enumerate(steps):
             if isinstance(step, T.RandomResizedCrop):  # lightly builds torchvision's v2 crop
                 steps[i] = T.RandomResizedCrop(int(view_size), scale=scale, ratio=ratio)
+        if solarize > 0.0:  # on the PIL image, after the blur (mocoq's order)
+            threshold = round(float(augment.solarize_threshold) * 255)
+            blur = next(i for i, step in enumerate(steps) if isinstance(step, GaussianBlur))
+            steps.insert(blur + 1, RandomSolarization(prob=solarize, threshold=threshold))
     return transform
 
 

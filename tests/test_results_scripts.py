@@ -128,15 +128,23 @@ def test_peer_transform_and_schedule_are_the_configs(
     assert blur.prob == 0.0
     normalize = transform[names.index("Normalize")]
     assert list(normalize.mean) == list(cfg.dataset.mean)
-    # the recipe's view size and aspect range, on both views
-    cfg = baselines.compose_recipe(
-        None, [*TINY, "augment.view_size=12", "augment.crop_ratio=[0.9,1.1]"]
-    )
+    # the recipe's view size, aspect range and solarize, on both views
+    overrides = [
+        "augment.view_size=12",
+        "augment.crop_ratio=[0.9,1.1]",
+        "augment.solarize_prob=0.2",
+    ]
+    cfg = baselines.compose_recipe(None, [*TINY, *overrides])
     for view in peer.lightly_transform(cfg).transforms:
-        crops = [t for t in view.transform.transforms if type(t).__name__ == "RandomResizedCrop"]
-        assert len(crops) == 1
-        assert crops[0].size == (12, 12) and crops[0].ratio == (0.9, 1.1)
-    # an op lightly's transform lacks is refused, naming the key
+        steps = view.transform.transforms
+        names = [type(t).__name__ for t in steps]
+        assert names.count("RandomResizedCrop") == 1 and names.count("RandomSolarization") == 1
+        crop = steps[names.index("RandomResizedCrop")]
+        assert crop.size == (12, 12) and crop.ratio == (0.9, 1.1)
+        solarize = steps[names.index("RandomSolarization")]
+        assert names.index("RandomSolarization") == names.index("GaussianBlur") + 1
+        assert (solarize.prob, solarize.threshold) == (0.2, 128)
+    # erasing, which lightly has no op for, is refused, naming the key
     cfg = baselines.compose_recipe(None, [*TINY, "augment.erase_prob=0.5"])
     with pytest.raises(SystemExit, match=r"augment\.erase_prob=0"):
         peer.lightly_transform(cfg)
