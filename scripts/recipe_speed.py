@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from bench import machine_info
 from omegaconf import OmegaConf
 from probe import REPO, probe_command
 
@@ -62,7 +62,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 rates[name].append(rate)
                 print(f"{name} (repeat {repeat}): {rate:.1f} pairs/s", flush=True)
     first = statistics.median(rates[arms[0][0]])
-    print(f"\nmachine: {platform.processor() or platform.machine()}, steps {args.steps}")
+    machine = machine_info()
+    print(
+        f"\n{machine['cpu']}, {machine['cores_usable']} cores, bf16 native: "
+        f"{machine['bf16_native']}, torch {machine['torch']}, commit {machine['commit']}, "
+        f"{args.steps} steps a run"
+    )
     print("| Arm | Overrides | pairs/s (median) | runs | ratio to the first |")
     print("| --- | --- | --- | --- | --- |")
     for name, overrides in arms:
@@ -72,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"| {name} | `{' '.join(overrides)}` | {median:.1f} | {runs} | {median / first:.2f} |"
         )
     if args.out is not None:
-        args.out.write_text(json.dumps({"steps": args.steps, "pairs_per_second": rates}, indent=1))
+        results = {"machine": machine, "steps": args.steps, "pairs_per_second": rates}
+        args.out.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
