@@ -3,11 +3,12 @@ interleaved, medians over repeats, each arm's ratio to the first.
 
 Each repetition trains every arm for ``--steps`` optimizer steps (budget off, so the run is the
 same on any machine), with the run's data loading, augmentation, logging, checkpoints and
-callbacks, but without the kNN monitor and the raw-pixel report (their cost is reported by the
-runs themselves as ``knn_monitor_share``). A pair is one image's two views; pairs/s is
-``steps x dataset.batch_size / fit_seconds``. The arms alternate (A B, B A, ...) so a machine
-that slows down over the session slows every arm alike. Run it alone: two jobs on a small
-machine slow each other.
+throughput callbacks, but without the kNN monitor and the raw-pixel report (their cost is
+reported by the runs themselves as ``knn_monitor_share``) and, as in the probes, without the
+embedding projector and the view-pair images (``probe.QUIET``, less its kNN setting). A pair
+is one image's two views; pairs/s is ``steps x dataset.batch_size / fit_seconds``. The arms
+alternate (A B, B A, ...) so a machine that slows down over the session slows every arm alike.
+Run it alone: two jobs on a small machine slow each other.
 
 Usage::
 
