@@ -8,6 +8,8 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 ARGS       ?=
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (auto: one per core; 0: in this process, one at a time).
+TEST_WORKERS ?= auto
 # The recipe `make train` runs (conf/experiment/); ARGS="experiment=..." picks another.
 TRAIN_RECIPE ?= fmnist_cpu_10min
 
@@ -35,7 +37,7 @@ train: setup data ## Pre-train on Fashion-MNIST for 10 minutes of this CPU, repo
 test: setup ## Run the test suite (PYTEST_ARGS=... to select)
 	@PYTHON=$(BIN)/python scripts/get_fashion_mnist.sh || \
 		echo "note: Fashion-MNIST unavailable; its real-data tests will be skipped"
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check .

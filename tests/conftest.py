@@ -18,6 +18,14 @@ from mocoq.heads import ProjectionHead
 from mocoq.module import MoCoModule
 from mocoq.train import CONFIG_DIR
 
+# Under pytest-xdist (make test: one worker per core) each worker, and every run it starts,
+# gets its share of the cores, so that the workers' thread pools do not fight over them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 # Overrides that shrink any config to a few seconds on a CPU.
 TINY = [
     "dataset=synthetic",
