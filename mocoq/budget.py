@@ -12,7 +12,7 @@ holds the arithmetic, free of torch and Lightning.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 
@@ -32,6 +32,9 @@ class BudgetPlan:
         measured_from, measured_to: the steps the rate was measured over (``[from, to)``).
         elapsed_seconds: budget already spent when the plan was made (start-up and the first
             steps, and any earlier part of a resumed run).
+        checked_at: the step the plan was checked again, over a longer stretch of the run
+            (None: not yet); see :func:`revise_plan`.
+        first_total: the total of the first plan where the check changed it (None: unchanged).
     """
 
     minutes: float
@@ -41,6 +44,8 @@ class BudgetPlan:
     measured_from: int
     measured_to: int
     elapsed_seconds: float
+    checked_at: int | None = None
+    first_total: int | None = None
 
     @property
     def epochs(self) -> float:
@@ -48,10 +53,11 @@ class BudgetPlan:
         return self.total_steps / self.steps_per_epoch
 
     def describe(self) -> str:
+        revised = "" if self.first_total is None else f" (first planned: {self.first_total:,})"
         return (
-            f"budget {self.minutes:g} min: {self.total_steps:,} steps ({self.epochs:.2f} epochs "
-            f"of {self.steps_per_epoch:,}) at {self.steps_per_second:.3g} steps/s, measured over "
-            f"steps {self.measured_from}-{self.measured_to}"
+            f"budget {self.minutes:g} min: {self.total_steps:,} steps{revised} ({self.epochs:.2f} "
+            f"epochs of {self.steps_per_epoch:,}) at {self.steps_per_second:.3g} steps/s, "
+            f"measured over steps {self.measured_from}-{self.measured_to}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -59,8 +65,8 @@ class BudgetPlan:
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> BudgetPlan:
-        fields = cls.__dataclass_fields__
-        return cls(**{name: state[name] for name in fields})
+        fields = cls.__dataclass_fields__  # a plan saved before a field existed: its default
+        return cls(**{name: state[name] for name in fields if name in state})
 
 
 def plan_budget(
@@ -121,4 +127,45 @@ def plan_budget(
         measured_from=int(measured_from),
         measured_to=int(steps_done),
         elapsed_seconds=float(elapsed_seconds),
+    )
+
+
+def revise_plan(
+    plan: BudgetPlan,
+    elapsed_seconds: float,
+    steps_done: int,
+    steps_per_second: float,
+    measured_from: int,
+    tolerance: float = 0.05,
+) -> BudgetPlan:
+    """The plan checked against the rate of a longer stretch of the run.
+
+    A shared machine's speed moves over minutes, so the first ``timed_steps`` can fall on a fast
+    or a slow stretch. Part-way through the run (``budget.check_at``) the rate is measured
+    again, from the first measurement's start to now, and the total is planned again from it
+    when it moves by more than ``tolerance``; the schedules then decay over the new total from
+    this step on (a small step in the learning rate, where overrunning the budget by a fifth
+    is not). No reserve is kept this time: the longer stretch's rate already includes the kNN
+    monitor's evaluations and the checkpoints in it.
+
+    Returns:
+        the plan with ``checked_at`` set; its total, rate and measured steps replaced (and the
+        first total kept in ``first_total``) where the check changed it. A total that would
+        end before ``steps_done`` (the budget already spent) ends at ``steps_done``.
+    """
+    if steps_per_second <= 0 or not math.isfinite(steps_per_second):
+        raise ValueError(f"the measured step rate must be positive, got {steps_per_second}")
+    remaining = plan.minutes * 60.0 - elapsed_seconds
+    total = steps_done + max(0, math.floor(remaining * steps_per_second))
+    if abs(total - plan.total_steps) <= tolerance * plan.total_steps:
+        return replace(plan, checked_at=int(steps_done))
+    return replace(
+        plan,
+        total_steps=int(total),
+        steps_per_second=float(steps_per_second),
+        measured_from=int(measured_from),
+        measured_to=int(steps_done),
+        elapsed_seconds=float(elapsed_seconds),
+        checked_at=int(steps_done),
+        first_total=plan.first_total if plan.first_total is not None else plan.total_steps,
     )

@@ -100,6 +100,7 @@ def build(cfg: DictConfig) -> tuple[MoCoDataModule, MoCoModule, pl.Trainer]:
                 skip_steps=int(budget.get("skip_steps", 10)),
                 timed_steps=int(budget.get("timed_steps", 50)),
                 reserve=float(budget.get("reserve", 0.05)),
+                check_at=None if budget.get("check_at") is None else float(budget["check_at"]),
             )
         )
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]

@@ -116,7 +116,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _check_budget(cfg: DictConfig, max_steps: float | None) -> None:
     """``budget.minutes`` null or > 0, and not with ``trainer.max_steps``; its measurement's
-    ``skip_steps`` >= 0, ``timed_steps`` >= 1 and ``reserve`` in [0, 1)."""
+    ``skip_steps`` >= 0, ``timed_steps`` >= 1, ``reserve`` in [0, 1) and ``check_at`` in (0, 1)."""
     minutes = _number(cfg, "budget.minutes")
     if minutes is None:
         return
@@ -139,6 +139,12 @@ def _check_budget(cfg: DictConfig, max_steps: float | None) -> None:
     reserve = _number(cfg, "budget.reserve")
     if reserve is not None and not 0.0 <= reserve < 1.0:
         raise ConfigError(f"budget.reserve must be in [0, 1), got {_show(reserve)}")
+    check_at = _number(cfg, "budget.check_at")
+    if check_at is not None and not 0.0 < check_at < 1.0:
+        raise ConfigError(
+            f"budget.check_at must be a share of the steps in (0, 1), or null to keep the first "
+            f"plan, got {_show(check_at)}"
+        )
 
 
 def _show(number: float) -> str:

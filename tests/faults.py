@@ -115,10 +115,17 @@ class FakeClock(pl.Callback):
     Listed among the config's callbacks it comes before the TimeBudget that ``build`` appends,
     so its hooks run first: the clock is in place before the budget reads it in ``setup``, and
     it has advanced past a batch before the budget reads it at that batch's end.
+
+    With ``slower`` set, the steps after global step ``slower_after`` take ``slower`` seconds
+    each instead: a machine that slows down after the budget's first measurement.
     """
 
-    def __init__(self, seconds_per_step: float) -> None:
+    def __init__(
+        self, seconds_per_step: float, slower: float | None = None, slower_after: int = 0
+    ) -> None:
         self.seconds_per_step = seconds_per_step
+        self.slower = slower
+        self.slower_after = slower_after
         self.now = 0.0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -129,4 +136,5 @@ class FakeClock(pl.Callback):
                 callback.clock = lambda: self.now
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        self.now += self.seconds_per_step
+        slow = self.slower is not None and trainer.global_step > self.slower_after
+        self.now += self.slower if slow and self.slower is not None else self.seconds_per_step

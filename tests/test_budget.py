@@ -4,6 +4,7 @@ its clock, so the measured rate is 2 steps/s whatever the machine is doing."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mocoq.budget import BudgetTooSmallError, plan_budget
+from mocoq.budget import BudgetPlan, BudgetTooSmallError, plan_budget, revise_plan
 from mocoq.schedules import LRSchedule, cosine, ema_momentum_at
 from mocoq.train import ConfigError, run, size_from_command_line
 from mocoq.validate import validate_config
@@ -56,6 +57,16 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     }
 
 
+def csv_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of a run logged with ``logger=csv`` (test_resume's config), by tag."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as metrics:
+        rows = list(csv.DictReader(metrics))
+    tags = [tag for tag in rows[0] if tag not in ("step", "epoch")] if rows else []
+    return {
+        tag: [(int(row["step"]), float(row[tag])) for row in rows if row[tag] != ""] for tag in tags
+    }
+
+
 def test_plan_from_the_measured_rate() -> None:
     # 10 min at 2 steps/s, 60 s spent by step 100, epochs of 500 steps: 100 + (600 - 60) x 2.
     plan = plan_budget(10, 60.0, 100, 2.0, 500, measured_from=40)
@@ -66,6 +77,29 @@ def test_plan_from_the_measured_rate() -> None:
     # Twice the rate buys twice the steps still to come.
     assert plan_budget(10, 60.0, 100, 4.0, 500).total_steps == 100 + 2 * 1080
     assert plan_budget(10, 60.0, 100, 2.0, 500).to_dict()["epochs"] == pytest.approx(2.36)
+
+
+def test_a_plan_is_checked_against_a_longer_stretch_and_changed_only_if_the_rate_moved() -> None:
+    # 10 min less a 5% reserve, planned at 2 steps/s from step 100 (60 s spent): 1,120 steps.
+    plan = plan_budget(10, 60.0, 100, 2.0, 500, reserve=0.05, measured_from=40)
+    assert plan.total_steps == 1120 and plan.checked_at is None
+    # At step 400, 210 s spent, 400 - 40 steps over 190 s: 1.895 steps/s, 400 + 390 x 1.895 =
+    # 1,138 steps, within 5% of the plan: the plan stays, checked.
+    same = revise_plan(plan, 210.0, 400, 360 / 190, measured_from=40)
+    assert same == BudgetPlan(**{**plan.__dict__, "checked_at": 400})
+    # The machine slowed to 1.2 steps/s: 400 + floor(390 x 1.2) = 868 steps, no reserve (the
+    # stretch's rate has the monitor's evaluations in it); the first total is kept.
+    revised = revise_plan(plan, 210.0, 400, 1.2, measured_from=40)
+    assert revised.total_steps == 868 and revised.first_total == 1120
+    assert (revised.measured_from, revised.measured_to, revised.checked_at) == (40, 400, 400)
+    assert revised.elapsed_seconds == 210.0 and revised.steps_per_second == 1.2
+    assert "868 steps (first planned: 1,120)" in revised.describe()
+    # A faster machine buys more; a budget already spent ends at the step it is checked at.
+    assert revise_plan(plan, 210.0, 400, 3.0, measured_from=40).total_steps == 400 + 1170
+    assert revise_plan(plan, 700.0, 400, 1.0, measured_from=40).total_steps == 400
+    # A plan saved before the check existed loads with no check done.
+    old = {k: v for k, v in plan.to_dict().items() if k not in ("checked_at", "first_total")}
+    assert BudgetPlan.from_dict(old) == plan
 
 
 def test_a_budget_under_one_epoch_is_refused_with_what_it_needs() -> None:
@@ -117,6 +151,8 @@ def test_budget_sizes_the_run_and_its_schedules_from_the_measured_rate(
     assert plan["total_steps"] == 24 and plan["steps_per_second"] == pytest.approx(2.0)
     assert (plan["measured_from"], plan["measured_to"], plan["elapsed_seconds"]) == (2, 6, 3.0)
     assert json.loads((tmp_path / "summary.json").read_text())["budget"] == plan
+    # Checked after step 8 (0.3 x 24): the rate had not moved, so the plan stayed.
+    assert (plan["checked_at"], plan["first_total"]) == (8, None)
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["callbacks"]["TimeBudget"]["plan"]["total_steps"] == 24
 
@@ -180,6 +216,38 @@ def test_budgeted_run_killed_mid_epoch_resumes_exactly(tmp_path: Path) -> None:
     assert_same(expected, resumed)
 
 
+# After step 6 (the plan: 24 steps at 2 steps/s) every step takes 1 s instead of 0.5.
+SLOWER = ["+callbacks.clock.slower=1.0", "+callbacks.clock.slower_after=6"]
+
+
+@pytest.mark.slow
+def test_a_machine_that_slows_down_gets_a_new_plan_that_resumes_exactly(tmp_path: Path) -> None:
+    reference = train_in_subprocess(tmp_path / "reference", *BUDGET, *SLOWER)
+    assert reference.returncode == 0, reference.stderr
+    plan = json.loads((tmp_path / "reference" / "summary.json").read_text())["budget"]
+    # Checked at step 8 (0.3 x 24, rounded up): 6 steps since step 2 in 4 s, 1.5 steps/s,
+    # 5 s spent: 8 + floor(7 x 1.5) = 18 steps, which end 15 s in, where 24 would end 21 s in.
+    assert (plan["total_steps"], plan["first_total"], plan["checked_at"]) == (18, 24, 8)
+    assert (plan["measured_from"], plan["measured_to"], plan["steps_per_second"]) == (2, 8, 1.5)
+    logged = csv_scalars(tmp_path / "reference")
+    assert logged["budget/total_steps"] == [(6, 24.0), (8, 18.0)]
+    lrs = [value for _, value in logged["train/lr"]]
+    assert len(lrs) == 18 and lrs[-1] < 0.01 * lrs[0]  # decayed over the new total
+    assert "(first planned: 24)" in reference.stderr + reference.stdout
+
+    # Killed after the check, resumed: the new plan is kept and the run ends as the reference.
+    interrupted = tmp_path / "interrupted"
+    killed = train_in_subprocess(
+        interrupted, *BUDGET, *SLOWER, "+callbacks.kill._target_=faults.KillAtStep",
+        "+callbacks.kill.step=12",
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    finished = train_in_subprocess(interrupted, *BUDGET, *SLOWER, "ckpt_path=last")
+    assert finished.returncode == 0, finished.stderr
+    assert json.loads((interrupted / "summary.json").read_text())["budget"] == plan
+    assert_same(final_state(tmp_path / "reference"), final_state(interrupted))
+
+
 def test_a_run_stopped_before_its_plan_measures_again_and_counts_what_was_spent(
     tmp_path: Path,
 ) -> None:
@@ -217,6 +285,7 @@ def test_command_line_epochs_size_a_budgeted_run(make_cfg: Callable[..., DictCon
         ),
         (["budget.minutes=5", "budget.timed_steps=0"], "budget.timed_steps >= 1"),
         (["budget.minutes=5", "budget.reserve=1.5"], r"budget.reserve must be in \[0, 1\)"),
+        (["budget.minutes=5", "budget.check_at=1"], r"budget.check_at must be a share"),
     ],
 )
 def test_budget_values_are_checked(

@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-from mocoq.budget import BudgetPlan, plan_budget
+from mocoq.budget import BudgetPlan, plan_budget, revise_plan
 
 
 class TimeBudget(pl.Callback):
@@ -25,6 +25,11 @@ class TimeBudget(pl.Callback):
     From then on the LR and EMA-momentum schedules decay over that total (the module reads it
     from ``trainer.estimated_stepping_batches``) and a :class:`~mocoq.callbacks.KNNMonitor` with
     ``evaluations`` set spreads its evaluations over it.
+
+    A shared machine's speed moves over minutes, so once ``check_at`` of the planned steps are
+    done the rate is measured again, from the start of the first measurement, and the total is
+    planned again from it if it moved by more than 5% (:func:`mocoq.budget.revise_plan`), once:
+    a first measurement that fell on a fast stretch would otherwise overrun the budget.
 
     The plan is saved in every checkpoint: a resumed run keeps its total (and so its
     schedule), whatever the machine it resumes on, and continues exactly. A run stopped before
@@ -41,6 +46,8 @@ class TimeBudget(pl.Callback):
         skip_steps: steps left out of the measurement at the start of each process.
         timed_steps: optimizer steps the rate is measured over.
         reserve: share of the budget kept for what is not a training step.
+        check_at: the share of the planned steps after which the plan is checked (and
+            changed where the rate moved); None: never.
 
     Attributes:
         plan: the :class:`~mocoq.budget.BudgetPlan` once the rate is measured (or restored).
@@ -48,7 +55,12 @@ class TimeBudget(pl.Callback):
     """
 
     def __init__(
-        self, minutes: float, skip_steps: int = 10, timed_steps: int = 50, reserve: float = 0.05
+        self,
+        minutes: float,
+        skip_steps: int = 10,
+        timed_steps: int = 50,
+        reserve: float = 0.05,
+        check_at: float | None = 0.3,
     ) -> None:
         if minutes <= 0:
             raise ValueError(f"budget.minutes must be positive, got {minutes}")
@@ -59,6 +71,9 @@ class TimeBudget(pl.Callback):
             )
         if not 0.0 <= reserve < 1.0:
             raise ValueError(f"budget.reserve must be in [0, 1), got {reserve}")
+        if check_at is not None and not 0.0 < check_at < 1.0:
+            raise ValueError(f"budget.check_at must be in (0, 1) or null, got {check_at}")
+        self.check_at = check_at
         self.minutes = float(minutes)
         self.skip_steps = skip_steps
         self.timed_steps = timed_steps
@@ -107,21 +122,20 @@ class TimeBudget(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.plan is not None or self._first_step is None:
+        if self._first_step is None:
             return
         step = trainer.global_step  # optimizer steps done
         if self._timer is None:
             if step >= self._first_step + self.skip_steps:
                 self._timer = (step, self.clock())
             return
-        first, started = self._timer
+        if self.plan is not None:
+            self._check(trainer, step)
+            return
+        first = self._timer[0]
         if step - first < self.timed_steps:
             return
-        now = self.clock()
-        rate = (step - first) / max(now - started, 1e-9)
-        spent = self.spent_seconds
-        # Every rank plans with rank 0's numbers, so all of them stop at the same step.
-        rate, spent = trainer.strategy.broadcast((rate, spent), src=0)
+        rate, spent = self._measure(trainer, step)
         batches = trainer.num_training_batches
         per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         self.plan = plan_budget(
@@ -129,10 +143,44 @@ class TimeBudget(pl.Callback):
         )
         self._apply(trainer, self.plan)
         rank_zero_info(self.plan.describe())
+        self._log(trainer, self.plan, step)
+
+    def _measure(self, trainer: pl.Trainer, step: int) -> tuple[float, float]:
+        """The step rate since this process's timing began, and the budget spent; every rank
+        gets rank 0's numbers, so that all of them stop at the same step."""
+        assert self._timer is not None
+        first, started = self._timer
+        rate = (step - first) / max(self.clock() - started, 1e-9)
+        rate, spent = trainer.strategy.broadcast((rate, self.spent_seconds), src=0)
+        return float(rate), float(spent)
+
+    def _check(self, trainer: pl.Trainer, step: int) -> None:
+        """Once ``check_at`` of the plan's steps are done (and ``timed_steps`` timed in this
+        process), plan again from the rate since the timing began, if it moved."""
         plan = self.plan
-        for logger in trainer.loggers:  # budget/*: what the measurement bought, at its step
-            metrics = {"budget/total_steps": float(plan.total_steps), "budget/epochs": plan.epochs}
-            metrics["budget/steps_per_second"] = plan.steps_per_second
+        if self.check_at is None or plan is None or plan.checked_at is not None:
+            return
+        assert self._timer is not None
+        due = max(math.ceil(self.check_at * plan.total_steps), self._timer[0] + self.timed_steps)
+        if step < due or step >= plan.total_steps:
+            return
+        rate, spent = self._measure(trainer, step)
+        self.plan = revise_plan(plan, spent, step, rate, measured_from=self._timer[0])
+        if self.plan.total_steps == plan.total_steps:
+            return
+        self._apply(trainer, self.plan)
+        rank_zero_info(
+            f"{self.plan.describe()}: the step rate moved from {plan.steps_per_second:.3g}, "
+            "so the run ends at the new total (its schedules decay over it from here)"
+        )
+        self._log(trainer, self.plan, step)
+
+    @staticmethod
+    def _log(trainer: pl.Trainer, plan: BudgetPlan, step: int) -> None:
+        """budget/*: what the measurement bought, at the step it was made."""
+        metrics = {"budget/total_steps": float(plan.total_steps), "budget/epochs": plan.epochs}
+        metrics["budget/steps_per_second"] = plan.steps_per_second
+        for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 
     @staticmethod
