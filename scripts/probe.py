@@ -38,9 +38,13 @@ QUIET = [  # the probe's number is the final full-protocol kNN; nothing else cos
 ]
 
 
-def probe_command(overrides: Sequence[str], steps: int | None, run_dir: Path) -> list[str]:
+def probe_command(
+    overrides: Sequence[str], steps: int | None, run_dir: Path, quiet: Sequence[str] = QUIET
+) -> list[str]:
     """The ``mocoq-train`` command of one probe: ``overrides``, sized by ``steps`` when given
-    (else by the overrides' own budget or epochs), writing into ``run_dir``."""
+    (else by the overrides' own budget or epochs), writing into ``run_dir``, with ``quiet``
+    (by default :data:`QUIET`: one monitor evaluation, no projector, no view pairs, no
+    progress bar)."""
     sizing = []
     if steps is not None:
         sizing = ["budget.minutes=null", "trainer.max_epochs=-1", f"trainer.max_steps={steps}"]
@@ -50,7 +54,7 @@ def probe_command(overrides: Sequence[str], steps: int | None, run_dir: Path) ->
         "mocoq.train",
         *overrides,
         *sizing,
-        *QUIET,
+        *quiet,
         f"hydra.run.dir={run_dir}",
     ]
 

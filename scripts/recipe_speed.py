@@ -29,15 +29,15 @@ from pathlib import Path
 
 from bench import machine_info
 from omegaconf import OmegaConf
-from probe import REPO, probe_command
+from probe import QUIET, REPO, probe_command
 
 NO_MONITOR = ["~callbacks.knn", "report.raw_pixel_baseline=false"]
 
 
 def pairs_per_second(overrides: Sequence[str], steps: int, run_dir: Path) -> float:
     """One run of ``steps`` steps of the config ``overrides``: its pairs per second of fit."""
-    command = probe_command([*overrides, *NO_MONITOR], steps, run_dir)
-    command = [c for c in command if not c.startswith("callbacks.knn.")]  # the monitor is off
+    quiet = [q for q in QUIET if not q.startswith("callbacks.knn.")]  # the monitor is off
+    command = probe_command([*overrides, *NO_MONITOR], steps, run_dir, quiet=quiet)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode != 0:
         raise RuntimeError(f"{shlex.join(command)} failed:\n{result.stderr[-3000:]}")
