@@ -53,10 +53,10 @@ class BudgetPlan:
         return self.total_steps / self.steps_per_epoch
 
     def describe(self) -> str:
-        revised = "" if self.first_total is None else f" (first planned: {self.first_total:,})"
+        revised = "" if self.first_total is None else f"; first planned: {self.first_total:,}"
         return (
-            f"budget {self.minutes:g} min: {self.total_steps:,} steps{revised} ({self.epochs:.2f} "
-            f"epochs of {self.steps_per_epoch:,}) at {self.steps_per_second:.3g} steps/s, "
+            f"budget {self.minutes:g} min: {self.total_steps:,} steps ({self.epochs:.2f} epochs "
+            f"of {self.steps_per_epoch:,}{revised}) at {self.steps_per_second:.3g} steps/s, "
             f"measured over steps {self.measured_from}-{self.measured_to}"
         )
 

@@ -93,7 +93,7 @@ def test_a_plan_is_checked_against_a_longer_stretch_and_changed_only_if_the_rate
     assert revised.total_steps == 868 and revised.first_total == 1120
     assert (revised.measured_from, revised.measured_to, revised.checked_at) == (40, 400, 400)
     assert revised.elapsed_seconds == 210.0 and revised.steps_per_second == 1.2
-    assert "868 steps (first planned: 1,120)" in revised.describe()
+    assert "868 steps (1.74 epochs of 500; first planned: 1,120)" in revised.describe()
     # A faster machine buys more; a budget already spent ends at the step it is checked at.
     assert revise_plan(plan, 210.0, 400, 3.0, measured_from=40).total_steps == 400 + 1170
     assert revise_plan(plan, 700.0, 400, 1.0, measured_from=40).total_steps == 400
@@ -233,7 +233,7 @@ def test_a_machine_that_slows_down_gets_a_new_plan_that_resumes_exactly(tmp_path
     assert logged["budget/total_steps"] == [(6, 24.0), (8, 18.0)]
     lrs = [value for _, value in logged["train/lr"]]
     assert len(lrs) == 18 and lrs[-1] < 0.01 * lrs[0]  # decayed over the new total
-    assert "(first planned: 24)" in reference.stderr + reference.stdout
+    assert "(4.50 epochs of 4; first planned: 24)" in reference.stderr + reference.stdout
 
     # Killed after the check, resumed: the new plan is kept and the run ends as the reference.
     interrupted = tmp_path / "interrupted"
@@ -331,3 +331,9 @@ def test_the_report_states_the_budget_and_the_gap_to_pixels_at_every_k() -> None
     assert pixels.split()[-2:] == ["0.8178", "0.8547"]
     gap = next(line for line in lines if "encoder - raw pixels" in line)
     assert gap.split()[-2:] == ["+1.53", "+1.37"]
+    # A plan the check changed says what it first was.
+    summary["budget"] = {**summary["budget"], "first_total": 2040, "measured_to": 600}
+    assert (
+        "Budget        : 10 min bought 1,888 steps (4.03 epochs; first planned: 2,040) at 3.32 "
+        "steps/s, measured over steps 10-600; fit took 9.9 min" in format_summary(summary)
+    )
