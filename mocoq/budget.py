@@ -53,11 +53,11 @@ class BudgetPlan:
         return self.total_steps / self.steps_per_epoch
 
     def describe(self) -> str:
-        revised = "" if self.first_total is None else f"; first planned: {self.first_total:,}"
         return (
             f"budget {self.minutes:g} min: {self.total_steps:,} steps ({self.epochs:.2f} epochs "
-            f"of {self.steps_per_epoch:,}{revised}) at {self.steps_per_second:.3g} steps/s, "
-            f"measured over steps {self.measured_from}-{self.measured_to}"
+            f"of {self.steps_per_epoch:,}{first_planned_note(self.first_total)}) at "
+            f"{self.steps_per_second:.3g} steps/s, measured over steps "
+            f"{self.measured_from}-{self.measured_to}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -67,6 +67,18 @@ class BudgetPlan:
     def from_dict(cls, state: dict[str, Any]) -> BudgetPlan:
         fields = cls.__dataclass_fields__  # a plan saved before a field existed: its default
         return cls(**{name: state[name] for name in fields if name in state})
+
+
+def first_planned_note(first_total: int | None) -> str:
+    """``; first planned: N`` where the budget's check changed the total, else nothing."""
+    return "" if first_total is None else f"; first planned: {first_total:,}"
+
+
+def _steps_left(usable_seconds: float, elapsed_seconds: float, steps_per_second: float) -> int:
+    """The steps the rest of ``usable_seconds`` holds at a measured rate (none once spent)."""
+    if steps_per_second <= 0 or not math.isfinite(steps_per_second):
+        raise ValueError(f"the measured step rate must be positive, got {steps_per_second}")
+    return max(0, math.floor((usable_seconds - elapsed_seconds) * steps_per_second))
 
 
 def plan_budget(
@@ -102,12 +114,11 @@ def plan_budget(
         raise ValueError(f"budget.minutes must be positive, got {minutes}")
     if not 0.0 <= reserve < 1.0:
         raise ValueError(f"budget.reserve must be in [0, 1), got {reserve}")
-    if steps_per_second <= 0 or not math.isfinite(steps_per_second):
-        raise ValueError(f"the measured step rate must be positive, got {steps_per_second}")
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch needs at least one step, got {steps_per_epoch}")
-    usable = minutes * 60.0 * (1.0 - reserve)
-    total = steps_done + max(0, math.floor((usable - elapsed_seconds) * steps_per_second))
+    total = steps_done + _steps_left(
+        minutes * 60.0 * (1.0 - reserve), elapsed_seconds, steps_per_second
+    )
     if total < steps_per_epoch:
         # One epoch at this rate, plus what is already spent, plus the reserve.
         needed = (elapsed_seconds + (steps_per_epoch - steps_done) / steps_per_second) / (
@@ -153,10 +164,7 @@ def revise_plan(
         first total kept in ``first_total``) where the check changed it. A total that would
         end before ``steps_done`` (the budget already spent) ends at ``steps_done``.
     """
-    if steps_per_second <= 0 or not math.isfinite(steps_per_second):
-        raise ValueError(f"the measured step rate must be positive, got {steps_per_second}")
-    remaining = plan.minutes * 60.0 - elapsed_seconds
-    total = steps_done + max(0, math.floor(remaining * steps_per_second))
+    total = steps_done + _steps_left(plan.minutes * 60.0, elapsed_seconds, steps_per_second)
     if abs(total - plan.total_steps) <= tolerance * plan.total_steps:
         return replace(plan, checked_at=int(steps_done))
     return replace(

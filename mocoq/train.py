@@ -31,6 +31,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from mocoq.budget import first_planned_note
 from mocoq.callbacks import KNNMonitor, PreemptionCheckpoint, TimeBudget
 from mocoq.checkpointing import AtomicCheckpointIO, CheckpointWriteError
 from mocoq.data.datamodule import MoCoDataModule
@@ -337,12 +338,6 @@ def log_hparams_with_results(trainer: pl.Trainer, config: Any, summary: dict[str
             logger.log_hyperparams(config, metrics=metrics, step=summary["steps"])
 
 
-def _first_planned(plan: dict[str, Any]) -> str:
-    """``; first planned: N`` where the budget's check changed the total, else nothing."""
-    first = plan.get("first_total")
-    return "" if first is None else f"; first planned: {first:,}"
-
-
 def format_summary(summary: dict[str, Any]) -> str:
     """The end-of-run report: where things are, what the budget bought, and the kNN numbers
     of the encoder beside its baselines at every k reported, with the gap to raw pixels."""
@@ -356,7 +351,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if plan:
         lines.append(
             f"Budget        : {plan['minutes']:g} min bought {plan['total_steps']:,} steps "
-            f"({plan['epochs']:.2f} epochs{_first_planned(plan)}) at "
+            f"({plan['epochs']:.2f} epochs{first_planned_note(plan.get('first_total'))}) at "
             f"{plan['steps_per_second']:.3g} steps/s, measured "
             f"over steps {plan['measured_from']}-{plan['measured_to']}; fit took "
             f"{summary['fit_seconds'] / 60:.1f} min"
